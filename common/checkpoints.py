@@ -1,0 +1,260 @@
+"""Checkpoints: atomic saving, and loading of every format our users bring, into the common ViT.
+
+    info = load_pretrained(model, "mae_pretrain_vit_huge.pth")     # detects the format, remaps, loads strictly
+    vit, info = build_vit_from_checkpoint("runs/mae_ct/checkpoint.pth")   # architecture from the file
+
+Formats detected (SPEC 3.2; key layouts from shared reference notes, sources in brackets):
+- ours: {'model', 'encoder', 'encoder_ema'?, 'vit', 'optimizer', 'step', 'epoch', 'args', ...}; the encoder is
+  taken from 'encoder' (or 'encoder_ema' with use_ema=True).
+- official MAE (facebookresearch/mae): {'model': ...}; encoder-only (`mae_pretrain_vit_*.pth`) or with the
+  decoder (`*_full.pth`, `mae_visualize_*.pth`). Loading into a model with decoder keys (mae.py) takes them too.
+- MoCo v3 (facebookresearch/moco-v3): {'state_dict': 'module.base_encoder.*'}; momentum encoder, predictor and
+  the projection head (`head.*`) are dropped. (Also the converted DeiT form {'model': ...} with `head.*`.)
+- data2vec 2.0 (MIM-Refiner src/initializers/pretrained_initializer.py remaps): `modality_encoders.IMAGE.*`
+  names → patch_embed / cls_token / pos_embed / embed_norm; `decoder*`, `_ema` dropped. Post-norm ViT.
+- released MAE-CT weights (ml-jku/MAE-CT; torchhub-ssl `maect`): a flat state dict whose pos_embed has no
+  CLS row (1, L, D); a zero CLS row is added.
+- released MIM-Refiner weights (ml-jku/MIM-Refiner hubconf.py): {'state_dict': ...} with KappaModules names
+  `cls_tokens.tokens`, `pos_embed.embed` (1, h, w, D).
+- plain timm `VisionTransformer` state dicts (`head.*`, `fc_norm.*` dropped).
+
+Strictness (never silently partial): after remapping, a key of the model that the file lacks, or a key of
+the file that the model lacks, is an error naming the keys, except this documented allow-list:
+- file keys ignored when the model has no such key: MAE decoder keys (`decoder_*`, `mask_token`),
+  classification heads (`head.*`, `fc_norm.*`), MoCo v3 / MIM-Refiner head leftovers (`heads.*`, `predictor.*`);
+- model keys allowed to stay fresh when the file has none of them: the MAE decoder (`decoder_*`,
+  `mask_token`: an encoder-only MAE file loaded into mae.py's model; logged as "the decoder starts fresh").
+A shape mismatch names both shapes. A position table of another grid is interpolated (bicubic) and logged.
+"""
+import logging
+import os
+import re
+import tempfile
+
+import torch
+
+log = logging.getLogger("checkpoints")
+
+IGNORED_FILE_KEYS = re.compile(r"^(decoder_|decoder\.|mask_token$|head\.|fc_norm\.|heads\.|predictor\.)")
+FRESH_MODEL_KEYS = re.compile(r"^(decoder_|decoder\.|mask_token$)")
+# Heads per embedding width for files that do not store it (timm / MAE / MoCo v3 presets).
+HEADS_BY_WIDTH = {64: 2, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 2560: 32}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path, obj):
+    """torch.save to a temporary file in the same directory, then os.replace: a crash never leaves a torn file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_file(path_or_url):
+    """torch.load a local path or a URL (downloaded once into torch.hub's cache) onto the CPU."""
+    if re.match(r"^https?://", str(path_or_url)):
+        try:
+            return torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"could not download checkpoint {path_or_url} ({e}); download it by hand "
+                                  "and pass the local path.") from e
+    if not os.path.isfile(path_or_url):
+        raise CheckpointError(f"checkpoint {path_or_url} does not exist; pass the path of a .pth/.th/.pt file.")
+    try:
+        return torch.load(path_or_url, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path_or_url} could not be read by torch.load ({type(e).__name__}: "
+                              f"{e}); is it a PyTorch checkpoint file?") from e
+
+
+def _strip(sd, prefix):
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _square_grid(num, path):
+    side = int(round(num ** 0.5))
+    if side * side != num:
+        raise CheckpointError(f"{path}: position table has {num} rows, not a square grid; cannot place it.")
+    return side
+
+
+def _with_cls_row(pos, path):
+    """(1, L, D) or (1, h, w, D) patch-only table -> (1, 1+L, D) with a zero CLS row."""
+    if pos.dim() == 4:
+        pos = pos.reshape(1, -1, pos.shape[-1])
+    return torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+
+
+def to_timm_layout(obj, path="checkpoint", use_ema=False):
+    """Detect the format of a loaded checkpoint and return (format name, timm-named state dict, notes)."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict; "
+                              "pass a checkpoint saved by one of the supported codebases.")
+    notes = []
+    if "encoder" in obj and "vit" in obj:
+        key = "encoder_ema" if use_ema else "encoder"
+        if key not in obj:
+            raise CheckpointError(f"{path} has no '{key}' weights (saved without an EMA?); drop --ema.")
+        return "ours" + (" (EMA)" if use_ema else ""), dict(obj[key]), notes
+    if use_ema:
+        notes.append("use_ema ignored: only our checkpoints carry a separate EMA encoder")
+
+    sd = obj
+    for wrapper in ("state_dict", "model", "teacher", "target_encoder"):
+        if wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+            break
+    if not sd or not all(isinstance(k, str) for k in sd):
+        raise CheckpointError(f"{path} does not contain a state dict of named tensors.")
+    keys = list(sd)
+
+    if any(k.startswith("module.base_encoder.") for k in keys):
+        sd = _strip(sd, "module.base_encoder.")
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        return "moco_v3", sd, notes + ["MoCo v3: momentum encoder, predictor and projection head dropped"]
+
+    if any("modality_encoders.IMAGE." in k for k in keys):
+        renames = {"modality_encoders.IMAGE.local_encoder.proj.": "patch_embed.proj.",
+                   "modality_encoders.IMAGE.context_encoder.norm.": "embed_norm."}
+        out = {}
+        for k, v in sd.items():
+            k = k[len("model."):] if k.startswith("model.") else k
+            if k.startswith(("decoder", "_ema")) or ".decoder." in k or k.endswith("_ema"):
+                continue
+            for old, new in renames.items():
+                if k.startswith(old):
+                    k = new + k[len(old):]
+            if k == "modality_encoders.IMAGE.extra_tokens":
+                k, v = "cls_token", v[:, :1]
+            elif k == "modality_encoders.IMAGE.fixed_positional_encoder.positions":
+                k, v = "pos_embed", _with_cls_row(v, path)
+            elif k.startswith("modality_encoders."):
+                continue                                    # alibi / other modalities' leftovers
+            out[k] = v
+        return "data2vec2", out, notes + ["data2vec 2.0: decoder and EMA teacher dropped; post-norm ViT"]
+
+    if "cls_tokens.tokens" in sd or "pos_embed.embed" in sd:
+        out = {}
+        for k, v in sd.items():
+            if k == "cls_tokens.tokens":
+                out["cls_token"] = v[:, :1]
+            elif k == "pos_embed.embed":
+                out["pos_embed"] = _with_cls_row(v, path)
+            else:
+                out[k] = v
+        return "kappamodules (MIM-Refiner / MAE-CT release)", out, notes
+
+    if "pos_embed" in sd and "patch_embed.proj.weight" in sd:
+        pos = sd["pos_embed"]
+        num = pos.shape[1]
+        if int(round(num ** 0.5)) ** 2 == num:              # no CLS row: MAE-CT release
+            sd = dict(sd)
+            sd["pos_embed"] = _with_cls_row(pos, path)
+            return "mae_ct release (no CLS position row)", sd, notes + ["zero CLS position row added"]
+        fmt = "mae" if isinstance(obj.get("model"), dict) else "timm"
+        return fmt, dict(sd), notes
+    raise CheckpointError(f"{path} is not a checkpoint format we know (no patch_embed / pos_embed keys, first keys: "
+                          f"{keys[:5]}); supported: ours, MAE, MoCo v3, data2vec 2.0, MAE-CT, MIM-Refiner, timm.")
+
+
+def _encoder_prefix(model_keys):
+    for key in model_keys:
+        if key.endswith("patch_embed.proj.weight"):
+            return key[: -len("patch_embed.proj.weight")]
+    raise CheckpointError("the model has no patch_embed.proj.weight; load_pretrained expects a ViT "
+                          "or a module holding one.")
+
+
+def load_pretrained(model, path_or_url, use_ema=False, obj=None):
+    """Load a checkpoint of any supported format into `model` (a VisionTransformer, or a module holding one,
+    e.g. MAE with its decoder keys at the top level or a method module with the ViT under `encoder.`).
+
+    Returns a dict: format, loaded (count), ignored (file keys dropped), fresh (model keys left as they were),
+    notes. Raises CheckpointError with one sentence for anything else.
+    """
+    obj = read_file(path_or_url) if obj is None else obj
+    fmt, sd, notes = to_timm_layout(obj, path_or_url, use_ema)
+    target = model.state_dict()
+    prefix = _encoder_prefix(target)
+    vit = model.get_submodule(prefix[:-1]) if prefix else model
+    sd = {prefix + k: v for k, v in sd.items()}
+
+    ignored = sorted(k for k in sd if k not in target and IGNORED_FILE_KEYS.match(k[len(prefix):]))
+    unexpected = sorted(k for k in sd if k not in target and k not in ignored)
+    missing = sorted(k for k in target if k not in sd)
+    fresh = [k for k in missing if FRESH_MODEL_KEYS.match(k[len(prefix):])]
+    missing = [k for k in missing if k not in fresh]
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys the model needs ({', '.join(missing[:6])}"
+                         f"{', ...' if len(missing) > 6 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:6])}"
+                         f"{', ...' if len(unexpected) > 6 else ''})")
+        raise CheckpointError(f"{path_or_url} (read as {fmt}) does not fit this model: {'; '.join(parts)}; "
+                              "check --model / --patch_size match the checkpoint.")
+
+    pos_key = prefix + "pos_embed"
+    if pos_key in sd and sd[pos_key].shape != target[pos_key].shape:
+        old, new = sd[pos_key], target[pos_key]
+        if old.shape[-1] != new.shape[-1]:
+            raise CheckpointError(f"{path_or_url}: pos_embed has shape {tuple(old.shape)} but the model needs "
+                                  f"{tuple(new.shape)}; the width differs, so this is another model size.")
+        from common.vit import resize_pos_embed
+        old_side = _square_grid(old.shape[1] - 1, path_or_url)
+        resized = resize_pos_embed(old[:, 1:], (old_side, old_side), vit.grid_size)
+        sd[pos_key] = torch.cat([old[:, :1], resized], dim=1)
+        notes.append(f"pos_embed interpolated from a {old_side}x{old_side} grid to {vit.grid_size[0]}x{vit.grid_size[1]}")
+    for key in sd:
+        if key in target and sd[key].shape != target[key].shape:
+            raise CheckpointError(f"{path_or_url}: {key} has shape {tuple(sd[key].shape)} in the file but "
+                                  f"{tuple(target[key].shape)} in the model; check --model / --patch_size.")
+    model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
+    if fresh:
+        notes.append(f"{len(fresh)} decoder keys not in the file: the decoder starts fresh")
+    info = dict(format=fmt, loaded=len(sd) - len(ignored), ignored=ignored, fresh=fresh, notes=notes)
+    log.info("loaded %s as %s: %d tensors%s%s", path_or_url, fmt, info["loaded"],
+             f", ignored {len(ignored)} file keys ({', '.join(ignored[:4])}{', ...' if len(ignored) > 4 else ''})"
+             if ignored else "", "".join(f"; {n}" for n in notes))
+    return info
+
+
+def infer_vit_config(sd, fmt=""):
+    """create_vit arguments from the shapes of a timm-named state dict (heads from the standard widths)."""
+    weight = sd["patch_embed.proj.weight"]
+    embed_dim, patch = weight.shape[0], weight.shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    side = _square_grid(sd["pos_embed"].shape[1] - 1, "checkpoint")
+    heads = 12 if fmt == "moco_v3" and embed_dim == 384 else HEADS_BY_WIDTH.get(embed_dim)
+    if heads is None:
+        raise CheckpointError(f"cannot tell the number of heads of a {embed_dim}-wide ViT from its weights; "
+                              "build it with create_vit(..., num_heads=N) and call load_pretrained.")
+    return dict(name="vit_b", embed_dim=embed_dim, depth=depth, num_heads=heads, patch_size=patch,
+                img_size=side * patch, post_norm="embed_norm.weight" in sd)
+
+
+def build_vit_from_checkpoint(path_or_url, use_ema=False, **overrides):
+    """Create the right ViT for a checkpoint and load it. Returns (vit, info)."""
+    from common.vit import create_vit
+    obj = read_file(path_or_url)
+    if isinstance(obj, dict) and "vit" in obj and "encoder" in obj:
+        config = dict(obj["vit"])
+    else:
+        fmt, sd, _ = to_timm_layout(obj, path_or_url, use_ema)
+        config = infer_vit_config(sd, fmt)
+    config.update(overrides)
+    vit = create_vit(**config)
+    info = load_pretrained(vit, path_or_url, use_ema=use_ema, obj=obj)
+    info["vit"] = config
+    return vit, info
