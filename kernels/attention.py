@@ -1,28 +1,460 @@
-"""Group-masked attention. (Placeholder: torch paths only; the Triton kernel lands in issue 8.)
+"""Group-masked attention: flash attention in Triton where token i sees token j only if their group ids match.
 
-attention(q, k, v, groups=None): q, k, v (B, H, N, d); groups (B, N) int, token i attends to
-token j iff groups[b, i] == groups[b, j]; a negative id is padding (output 0).
+    attention(q, k, v, groups=None, backend=None) -> (B, H, N, d)
+
+    q, k, v   (B, H, N, d), fp16 / bf16 / fp32, last dim contiguous (other strides are free, so the ViT's
+              `qkv.permute(...)` views go in without a copy); head dims up to 128 (80 included).
+    groups    (B, N) integer or None. Token i attends to token j iff groups[b, i] == groups[b, j] >= 0.
+              A negative id is padding: it attends to nothing and nothing attends to it; its output row is 0
+              and it gets zero gradient (never NaN). groups=None is plain F.scaled_dot_product_attention.
+
+Math (one (batch, head); s = softmax scale = d**-0.5, M[i, j] = [g_i == g_j >= 0]):
+
+    S = s * Q K^T,  P[i, j] = M[i, j] exp(S[i, j] - lse_i) with lse_i = log sum_j M[i, j] exp(S[i, j]),  O = P V
+    backward:  dV = P^T dO,  dP = dO V^T,  Delta_i = sum_d O[i, d] dO[i, d],
+               dS = P * (dP - Delta),  dQ = s dS K,  dK = s dS^T Q
+
+The forward (flash-attention 2, as in triton-lang/triton: python/tutorials/06-fused-attention.py) keeps a
+query tile on chip and streams key/value tiles with an fp32 online softmax in base 2 (exp2 with s * log2(e)
+folded into the scores); it stores O and the base-2 log-sum-exp, never an N x N tensor. A row with no
+allowed key (padding) keeps m = -inf, l = 0: the exponent is taken against 0 instead of -inf (the guard
+FlexAttention uses) so it stays finite, its output is 0 and its stored lse is +inf, which makes its P row
+exactly 0 in the backward. The backward is two kernels without atomics: one program per key tile
+accumulates dK, dV over query tiles; one program per query tile accumulates dQ over key tiles.
+
+Group masks cost work only where groups meet (SPEC 3.6, reference notes A.5 option 3):
+  * per token, the first and last position of its group (`_group_spans`, a sort + searchsorted on the
+    host, O(B N log N)) bound the key loop of a query tile to [min first, max last] and the query loop of a
+    key tile likewise; the loop may start at any position, not only at a tile boundary. With tokens sorted
+    by group (MixMIM after sorting) a query tile inside one group touches only that group's keys, so two
+    equal groups cost about half of dense attention;
+  * inside that span a key tile whose [min, max] group range does not meet the query tile's is skipped;
+  * a tile pair where both sides hold one and the same group (no padding, no tail) is "full": no
+    per-element mask. Every other tile pair is "partial": where(g_i == g_j >= 0, S, -inf).
+
+Tails (any N) and head dims that are not a power of two (80 -> a 128-wide tile) are masked loads and stores.
+fp32 inputs use IEEE fp32 dot products (no TF32) so they match a float64 reference to ~1e-6.
+Triton's interpreter (TRITON_INTERPRET=1, CPU) computes bf16 wrongly, so there bf16 tiles are upcast to
+fp32 on load; natively bf16 goes straight to the tensor cores.
 """
+import math
+import os
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels.dispatch import resolve
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Tests set this so that every output buffer starts as NaN: a store the kernel misses then shows.
+POISON_OUTPUTS = False
+MAX_HEAD_DIM = 128
+
 
 def attention_reference(q, k, v, groups=None):
-    """Torch reference: masked softmax attention; padded (negative-id) rows give 0, never NaN."""
+    """Torch reference with the same conventions (used on CPU and with backend='torch').
+
+    q, k, v (B, H, N, d); groups (B, N) int or None -> (B, H, N, d) in v's dtype. Materialises the
+    (B, H, N, N) scores in at least fp32 (float64 inputs stay float64). Rows with no allowed key
+    (padding) output 0 and get zero gradients, never NaN.
+    """
     if groups is None:
         return F.scaled_dot_product_attention(q, k, v)
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-2, -1)).float() * scale                 # (B, H, N, N)
-    same = (groups[:, :, None] == groups[:, None, :]) & (groups[:, None, :] >= 0)   # (B, N, N)
-    scores = scores.masked_fill(~same[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)               # all-masked rows → 0
-    return (probs.to(v.dtype) @ v)
+    scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-2, -1)) * scale      # (B, H, N, N)
+    allowed = ((groups[:, :, None] == groups[:, None, :]) & (groups[:, None, :] >= 0))[:, None]  # (B, 1, N, N)
+    has_key = allowed.any(-1, keepdim=True)                                              # (B, 1, N, 1)
+    # Fully masked rows would give softmax(-inf...) = NaN: give them finite scores and zero them after.
+    scores = torch.where(allowed, scores, float("-inf")).masked_fill(~has_key, 0.0)
+    probs = torch.softmax(scores, dim=-1) * has_key
+    return (probs @ v.to(compute_dtype)).to(v.dtype)
+
+
+def _group_spans(groups):
+    """groups (B, N) int -> first, last (B, N) int32: positions of the first and last token of each token's
+    group in its row; padding tokens (id < 0) get an empty span (first = N, last = -1).
+
+    Stable sort by id puts each group's positions in ascending order, so a group's first and last
+    positions are the ends of its run in the sorted order (found with searchsorted). No host sync.
+    """
+    n = groups.shape[1]
+    sorted_ids, order = torch.sort(groups, dim=1, stable=True)
+    run_start = torch.searchsorted(sorted_ids, groups, right=False)
+    run_end = torch.searchsorted(sorted_ids, groups, right=True) - 1
+    first = order.gather(1, run_start)
+    last = order.gather(1, run_end)
+    padding = groups < 0
+    first = first.masked_fill(padding, n)
+    last = last.masked_fill(padding, -1)
+    return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------- Triton
+
+@triton.jit
+def _tile_groups(g):
+    """Summary of a tile's group ids g (BLOCK,) with padding and out-of-range lanes = -1:
+    (smallest id >= 0 or INT32_MAX if none, largest id or -1 if none, True iff all lanes hold one id >= 0)."""
+    lo = tl.min(tl.where(g >= 0, g, 2147483647), axis=0)
+    hi = tl.max(g, axis=0)
+    pure = (tl.min(g, axis=0) == hi) & (hi >= 0)
+    return lo, hi, pure
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V,                      # (B, H, N, HEAD_DIM) inputs, last dim contiguous
+    O,                            # (B, H, N, HEAD_DIM) output (any strides, last dim contiguous)
+    LSE,                          # (B, H, N) fp32 out: base-2 log-sum-exp of the scaled scores (+inf: no key)
+    GROUPS, FIRST, LAST,          # (B, N) int32 contiguous: group ids and each token's group span
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N, HEAD_DIM,               # heads, tokens, head dim (runtime)
+    qk_scale,                     # softmax scale * log2(e)
+    BLOCK_M: tl.constexpr,        # query rows per program
+    BLOCK_N: tl.constexpr,        # key rows per inner step
+    BLOCK_D: tl.constexpr,        # head dim padded to a power of two (>= 16)
+    UPCAST: tl.constexpr,         # load tiles as fp32 (bf16 in the interpreter)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, default otherwise
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < N
+    d_valid = offs_d < HEAD_DIM
+
+    g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
+    q_lo, q_hi, q_pure = _tile_groups(g_q)
+    # Keys that can matter to this tile: the union of its tokens' group spans.
+    key_start = tl.min(tl.load(FIRST + b * N + offs_m, mask=row_valid, other=2147483647), axis=0)
+    key_end = tl.max(tl.load(LAST + b * N + offs_m, mask=row_valid, other=-1), axis=0) + 1
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running max of the base-2 scores
+    l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)          # running sum of exp2(score - m_i) * v
+
+    for start_n in range(key_start, key_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < key_end
+        g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
+        k_lo, k_hi, k_pure = _tile_groups(g_k)
+        if (k_hi >= q_lo) & (k_lo <= q_hi):                 # else: no same-group pair, skip the tile
+            kv_mask = key_valid[:, None] & d_valid[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BLOCK_M, BLOCK_N) fp32
+            if q_pure & k_pure & (q_lo == k_lo):
+                scores = qk * qk_scale                      # full tile: one group on both sides, no mask
+            else:
+                same = (g_q[:, None] == g_k[None, :]) & (g_k[None, :] >= 0)
+                scores = tl.where(same, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: stay finite
+            p = tl.math.exp2(scores - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_valid)
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO,                  # (B, H, N, HEAD_DIM) inputs and output gradient, last dim contiguous
+    DK, DV,                       # (B, H, N, HEAD_DIM) contiguous outputs
+    LSE, DELTA,                   # (B, H, N) fp32: forward log-sum-exp (base 2), rowsum(O * dO)
+    GROUPS, FIRST, LAST,          # (B, N) int32: group ids and each token's group span
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    H, N, HEAD_DIM,
+    qk_scale,                     # softmax scale * log2(e)
+    sm_scale,                     # softmax scale (dS -> dK)
+    BLOCK_M: tl.constexpr,        # query rows per inner step
+    BLOCK_N: tl.constexpr,        # key rows owned by this program
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program per key tile: dV = sum over query tiles of P^T dO, dK = scale * sum of dS^T Q."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    row_base = pid_bh.to(tl.int64) * N                      # into LSE, DELTA and the contiguous DK, DV
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_valid = offs_n < N
+    d_valid = offs_d < HEAD_DIM
+
+    g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
+    k_lo, k_hi, k_pure = _tile_groups(g_k)
+    # The relation is symmetric, so the queries that can see these keys lie in the keys' group spans.
+    query_start = tl.min(tl.load(FIRST + b * N + offs_n, mask=key_valid, other=2147483647), axis=0)
+    query_end = tl.max(tl.load(LAST + b * N + offs_n, mask=key_valid, other=-1), axis=0) + 1
+
+    kv_mask = key_valid[:, None] & d_valid[None, :]
+    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    for start_m in range(query_start, query_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_valid = offs_m < query_end
+        g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
+        q_lo, q_hi, q_pure = _tile_groups(g_q)
+        if (k_hi >= q_lo) & (k_lo <= q_hi):                 # else: no same-group pair, skip the tile
+            q_mask = row_valid[:, None] & d_valid[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(LSE + row_base + offs_m, mask=row_valid, other=float("inf"))
+            delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
+            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)     # (BLOCK_N, BLOCK_M) = S^T / scale
+            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+            if not (q_pure & k_pure & (q_lo == k_lo)):      # partial tile: per-element mask
+                same = (g_k[:, None] == g_q[None, :]) & (g_k[:, None] >= 0)
+                p_t = tl.where(same, p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)    # (BLOCK_N, BLOCK_M) = dP^T
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+    out_ptrs = row_base * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO,                  # (B, H, N, HEAD_DIM) inputs and output gradient, last dim contiguous
+    DQ,                           # (B, H, N, HEAD_DIM) contiguous output
+    LSE, DELTA,                   # (B, H, N) fp32
+    GROUPS, FIRST, LAST,          # (B, N) int32
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    H, N, HEAD_DIM,
+    qk_scale,
+    sm_scale,
+    BLOCK_M: tl.constexpr,        # query rows owned by this program
+    BLOCK_N: tl.constexpr,        # key rows per inner step
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program per query tile: dQ = scale * sum over key tiles of dS K."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    row_base = pid_bh.to(tl.int64) * N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < N
+    d_valid = offs_d < HEAD_DIM
+
+    g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
+    q_lo, q_hi, q_pure = _tile_groups(g_q)
+    key_start = tl.min(tl.load(FIRST + b * N + offs_m, mask=row_valid, other=2147483647), axis=0)
+    key_end = tl.max(tl.load(LAST + b * N + offs_m, mask=row_valid, other=-1), axis=0) + 1
+
+    q_mask = row_valid[:, None] & d_valid[None, :]
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + row_base + offs_m, mask=row_valid, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    for start_n in range(key_start, key_end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_valid = offs_n < key_end
+        g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
+        k_lo, k_hi, k_pure = _tile_groups(g_k)
+        if (k_hi >= q_lo) & (k_lo <= q_hi):
+            kv_mask = key_valid[:, None] & d_valid[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BLOCK_M, BLOCK_N)
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            if not (q_pure & k_pure & (q_lo == k_lo)):
+                same = (g_q[:, None] == g_k[None, :]) & (g_k[None, :] >= 0)
+                p = tl.where(same, p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)       # (BLOCK_M, BLOCK_N)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    out_ptrs = row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DQ + out_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _configs(pairs):
+    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); one fixed config in the interpreter
+    (autotuning with several configs needs a GPU driver; small tiles keep the interpreter quick)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
+
+
+# Small query tiles help skipping when groups are contiguous; larger ones amortise loads on dense rows.
+_FWD_CONFIGS = _configs([(bm, bn, w, s) for bm in (32, 64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3)
+                         if not (bm == 32 and w == 8)])
+# Backward: the program owns BLOCK_N keys (dK/dV) or BLOCK_M queries (dQ) and steps over the other side.
+_BWD_CONFIGS = _configs([(bm, bn, w, s) for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 32), (128, 32))
+                         for w in (4, 8) for s in (1, 2)])
+_KEY = ["N", "HEAD_DIM", "BLOCK_D"]
+_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY)(_attn_fwd)
+_attn_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY)(_attn_bwd_dkdv)
+_attn_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY)(_attn_bwd_dq)
+
+
+def _launch_constants(q):
+    """Compile-time choices that depend only on the inputs' dtype and head dim."""
+    head_dim = q.shape[-1]
+    return dict(
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _new_output(shape, like, dtype=None):
+    out = torch.empty(shape, device=like.device, dtype=like.dtype if dtype is None else dtype)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _forward(q, k, v, groups32, first, last):
+    B, H, N, d = q.shape
+    # Output laid out as (B, N, H, d) memory: the ViT's `out.transpose(1, 2).reshape(B, N, D)` is then free.
+    out = _new_output((B, N, H, d), q).transpose(1, 2)
+    lse = _new_output((B, H, N), q, torch.float32)
+    scale = d ** -0.5
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
+    _attn_fwd_tuned[grid](
+        q, k, v, out, lse, groups32, first, last,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        H, N, d, scale * math.log2(math.e), **_launch_constants(q))
+    return out, lse
+
+
+def _backward(q, k, v, out, lse, grad_out, groups32, first, last):
+    B, H, N, d = q.shape
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    delta = (out.float() * grad_out.float()).sum(-1).contiguous()             # (B, H, N)
+    dq = _new_output((B, H, N, d), q)
+    dk = _new_output((B, H, N, d), q)
+    dv = _new_output((B, H, N, d), q)
+    scale = d ** -0.5
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), H, N, d,
+              scale * math.log2(math.e), scale)
+    constants = _launch_constants(q)
+    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+        q, k, v, grad_out, dk, dv, lse, delta, groups32, first, last, *common, **constants)
+    _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+        q, k, v, grad_out, dq, lse, delta, groups32, first, last, *common, **constants)
+    return dq, dk, dv
+
+
+class _GroupMaskedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, groups32, first, last):
+        out, lse = _forward(q, k, v, groups32, first, last)
+        ctx.save_for_backward(q, k, v, out, lse, groups32, first, last)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, groups32, first, last = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, grad_out, groups32, first, last)
+        return dq, dk, dv, None, None, None
+
+
+def _check_inputs(q, k, v, groups):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"attention: q, k, v must share one shape (B, H, N, d), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}; reshape them to (batch, heads, tokens, head_dim).")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype.")
+    if groups.shape != (q.shape[0], q.shape[2]) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
+        raise ValueError(f"attention: groups must be an integer tensor of shape (B, N) = {(q.shape[0], q.shape[2])}, "
+                         f"got {groups.dtype} {tuple(groups.shape)}; pass one group id per token.")
 
 
 def attention(q, k, v, groups=None, backend=None):
+    """Multi-head attention, optionally restricted to tokens of the same group.
+
+    q, k, v (B, H, N, d); groups (B, N) int or None -> (B, H, N, d) in q's dtype.
+    backend: None (process default, see kernels.set_backend), 'auto' (Triton on CUDA, torch on CPU),
+    'triton' or 'torch'. groups=None always uses F.scaled_dot_product_attention.
+    """
     if groups is None:
         return F.scaled_dot_product_attention(q, k, v)
-    resolve("attention", backend, q.device)
-    return attention_reference(q, k, v, groups)
+    _check_inputs(q, k, v, groups)
+    if resolve("attention", backend, q.device) == "torch":
+        return attention_reference(q, k, v, groups)
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention: the Triton kernel takes fp16, bf16 or fp32, got {q.dtype}; "
+                         "cast the inputs or pass backend='torch'.")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim {q.shape[-1]} is above the Triton kernel's {MAX_HEAD_DIM}; "
+                         "use more heads or pass backend='torch'.")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    groups32 = groups.to(device=q.device, dtype=torch.int32).contiguous()
+    first, last = _group_spans(groups32)
+    return _GroupMaskedAttention.apply(q, k, v, groups32, first, last)
