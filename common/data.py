@@ -1,0 +1,526 @@
+"""Data for every method: the built-in shapes dataset, image folders, CIFAR-10/STL-10, transforms, loaders.
+
+    from common import data
+    train_set = data.build_dataset(args.data, "train", data.mae_transform(32), seed=args.seed)
+    loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
+                               seed=args.seed)
+    for images, labels, indices in loader: ...        # label -1 = unlabelled; index = the sample's id
+
+Public API
+- `ShapesDataset(split, size=32, n_per_class=None, seed=0)`: the built-in labelled dataset (SPEC 3.3), 10 shape
+  classes drawn in memory in a few seconds; items are `(PIL image, label)`.
+- `build_dataset(data, split, transform=None, seed=0)` -> `IndexedDataset` whose items are
+  `(image_or_views, label, index)`. `data`: None/'builtin' | 'cifar10' | 'stl10' | a folder (`PATH/train/<class>/*`
+  and `PATH/val/<class>/*`, or `PATH/{train,val}/*.jpg` / `PATH/*.jpg` unlabelled, label -1).
+- Transforms (torchvision.transforms.v2, all end in a normalised float tensor):
+  `mae_transform(size, scale=(0.2, 1))`, `maect_transform(size, scale=(0.08, 1))`, `byol_views(size)`,
+  `multicrop(global_size, local_size, n_local)`, `eval_transform(size)`; `MultiView(transforms)` / `TwoViews(t)`
+  return a list of views.
+- `build_loader(dataset, batch_size, dist, train=True, num_workers=0, seed=0)`: DataLoader with a
+  `ResumableSampler` (a DistributedSampler that can skip the first batches of an epoch);
+  `set_epoch(loader, epoch, skip_batches=0)` before each epoch.
+- `IMAGENET_MEAN`, `IMAGENET_STD`, `normalize(imgs)`, `denormalize(imgs)`.
+
+Determinism (what makes `--resume` bit-identical): the sample order depends only on (seed, epoch) through the
+sampler, and the random augmentation of a sample only on (seed, epoch, index): `IndexedDataset` seeds torch's
+generator from those three numbers inside `torch.random.fork_rng` for each item, so the number of workers, a
+mid-epoch resume or the world size change nothing, and the main process's generator is left untouched.
+
+Unreadable or corrupt files are replaced by the next readable sample and counted (`dataset.num_skipped`, shared
+by the loader's worker processes); a warning names each file. Grayscale, palette, CMYK and alpha images are
+converted to RGB.
+"""
+import logging
+import math
+import multiprocessing
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+log = logging.getLogger("data")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+DATA_ROOT = os.environ.get("MIM_DATA_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "mim_datasets"))
+"""Where `--data cifar10|stl10` are downloaded (override with the MIM_DATA_ROOT environment variable)."""
+
+
+def normalize(imgs):
+    """imgs: (B, 3, H, W) in [0, 1] -> ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device, dtype=imgs.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=imgs.device, dtype=imgs.dtype).view(1, 3, 1, 1)
+    return (imgs - mean) / std
+
+
+def denormalize(imgs):
+    """imgs: (B, 3, H, W) ImageNet-normalised -> (B, 3, H, W) in [0, 1] (clamped), for pictures."""
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device, dtype=imgs.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=imgs.device, dtype=imgs.dtype).view(1, 3, 1, 1)
+    return (imgs * std + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The built-in dataset
+# ----------------------------------------------------------------------------------------------------------
+def _regular_polygon(n, radius=1.0, phase=0.0):
+    angles = phase + 2 * np.pi * np.arange(n) / n
+    return np.stack([radius * np.cos(angles), radius * np.sin(angles)], 1)
+
+
+def _star(points=5, inner=0.45):
+    outer = _regular_polygon(points, 1.0, np.pi / 2)
+    inner_pts = _regular_polygon(points, inner, np.pi / 2 + np.pi / points)
+    return np.stack([outer, inner_pts], 1).reshape(-1, 2)
+
+
+# Unit outlines (x, y) within radius ~1; 'ring' is the circle minus a hole (SHAPE_HOLES).
+SHAPES = {
+    "circle": _regular_polygon(48),
+    "square": _regular_polygon(4, 1.0, np.pi / 4),
+    "triangle": _regular_polygon(3, 1.0, np.pi / 2),
+    "star": _star(),
+    "cross": np.array([[-1, -0.3], [-0.3, -0.3], [-0.3, -1], [0.3, -1], [0.3, -0.3], [1, -0.3],
+                       [1, 0.3], [0.3, 0.3], [0.3, 1], [-0.3, 1], [-0.3, 0.3], [-1, 0.3]], float),
+    "ring": _regular_polygon(48),
+    "bar": _regular_polygon(48) * np.array([1.0, 0.32]),           # an elongated ellipse
+    "rhombus": np.array([[1, 0], [0, 0.5], [-1, 0], [0, -0.5]], float),  # diagonals 2:1, unlike a turned square
+    "hexagon": _regular_polygon(6),
+    "arrow": np.array([[-1, -0.2], [0.15, -0.2], [0.15, -0.6], [1, 0], [0.15, 0.6], [0.15, 0.2], [-1, 0.2]], float),
+}
+SHAPE_HOLES = {"ring": _regular_polygon(48, 0.55)}
+SHAPE_CLASSES = tuple(SHAPES)
+
+
+class ShapesDataset(Dataset):
+    """The built-in labelled dataset: 10 shape classes (SHAPE_CLASSES) on cluttered backgrounds.
+
+    Each image: a background of one of three kinds (two-colour linear gradient, stripes of random period and
+    angle, flat colour with blotchy low-frequency noise), 1-3 distractor lines or dots, then one filled shape of
+    random colour (kept at least ~80/441 away from the background's mean colour in RGB so it stays visible),
+    random centre, radius 22-42 % of the side, rotation 0-360 deg, drawn 4x supersampled for anti-aliasing, and
+    pixel noise with sigma 0-10. Position, scale, colour and clutter vary far more than shape, so nearest
+    neighbours in raw pixels rarely share the class (tests/test_data.py measures it) while a small network
+    learns the class.
+
+    Deterministic: everything is drawn from numpy's generator seeded with (seed, split). Class-balanced:
+    labels cycle 0..9, so any prefix is balanced too. Generation is ~1 ms per image.
+
+    split: 'train' or 'val'. size: side in pixels. n_per_class: images per class (default 1000 for train,
+    200 for val: 10k / 2k images). Items: (PIL RGB image, label int). `images`: (N, size, size, 3) uint8.
+    """
+
+    _cache = {}
+
+    def __init__(self, split="train", size=32, n_per_class=None, seed=0):
+        if split not in ("train", "val"):
+            raise ValueError(f"ShapesDataset split {split!r} is not 'train' or 'val'.")
+        if n_per_class is None:
+            n_per_class = 1000 if split == "train" else 200
+        self.split, self.size, self.seed = split, size, seed
+        self.classes = list(SHAPE_CLASSES)
+        self.labels = np.tile(np.arange(len(self.classes)), n_per_class)
+        key = (split, size, n_per_class, seed)
+        if key not in ShapesDataset._cache:                 # training and evaluation in one process draw once
+            rng = np.random.default_rng([seed, 0 if split == "train" else 1])
+            ShapesDataset._cache[key] = np.stack([self._draw(rng, int(label)) for label in self.labels])
+        self.images = ShapesDataset._cache[key]
+
+    def _background(self, rng):
+        """(size, size, 3) float32 in [0, 255]."""
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / (s - 1)
+        c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        kind = rng.integers(3)
+        angle = rng.uniform(0, 2 * np.pi)
+        u = np.cos(angle) * xx + np.sin(angle) * yy
+        if kind == 0:                                       # linear gradient
+            t = (u - u.min()) / (u.max() - u.min() + 1e-6)
+        elif kind == 1:                                     # stripes, period 4-12 px
+            period = rng.uniform(4, 12) / s
+            t = 0.5 + 0.5 * np.sin(2 * np.pi * u / period + rng.uniform(0, 2 * np.pi))
+        else:                                               # blotches: upsampled 4x4 noise
+            coarse = rng.uniform(0, 1, (4, 4)).astype(np.float32)
+            t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((s, s), Image.BICUBIC)) / 255.0
+        return c1 * (1 - t[..., None]) + c2 * t[..., None]
+
+    def _mask(self, outline, hole, center, radius, angle, supersample=4):
+        """Anti-aliased coverage (size, size) in [0, 1] of the rotated, scaled, shifted outline."""
+        s = self.size * supersample
+        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        canvas = Image.new("L", (s, s), 0)
+        draw = ImageDraw.Draw(canvas)
+        for polygon, fill in ((outline, 255), (hole, 0)):
+            if polygon is not None:
+                points = (polygon @ rot.T * radius + center) * supersample
+                draw.polygon([tuple(p) for p in points], fill=fill)
+        return np.asarray(canvas.resize((self.size, self.size), Image.BOX), dtype=np.float32) / 255.0
+
+    def _draw(self, rng, label):
+        s = self.size
+        image = self._background(rng)
+        for _ in range(rng.integers(1, 4)):                 # distractors: a thin line or a small dot
+            canvas = Image.new("L", (4 * s, 4 * s), 0)
+            draw = ImageDraw.Draw(canvas)
+            if rng.random() < 0.5:
+                draw.line([tuple(rng.uniform(0, 4 * s, 2)), tuple(rng.uniform(0, 4 * s, 2))], fill=255,
+                          width=int(rng.integers(2, 6)))
+            else:
+                cx, cy, r = *rng.uniform(0, 4 * s, 2), rng.uniform(2, 6)
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+            alpha = np.asarray(canvas.resize((s, s), Image.BOX), dtype=np.float32)[..., None] / 255.0
+            image = image * (1 - alpha) + rng.uniform(0, 255, 3) * alpha
+        background_mean = image.reshape(-1, 3).mean(0)
+        colour = rng.uniform(0, 255, 3)
+        for _ in range(20):                                 # keep the shape visible against the background
+            if np.linalg.norm(colour - background_mean) > 80:
+                break
+            colour = rng.uniform(0, 255, 3)
+        name = SHAPE_CLASSES[label]
+        radius = rng.uniform(0.22, 0.42) * s
+        center = rng.uniform(0.75 * radius, s - 0.75 * radius, 2)
+        alpha = self._mask(SHAPES[name], SHAPE_HOLES.get(name), center, radius, rng.uniform(0, 2 * np.pi))[..., None]
+        image = image * (1 - alpha) + colour * alpha
+        image = image + rng.normal(0, rng.uniform(0, 10), image.shape)
+        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return Image.fromarray(self.images[index]), int(self.labels[index])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image folders, torchvision datasets
+# ----------------------------------------------------------------------------------------------------------
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _list_images(folder):
+    return sorted(os.path.join(folder, e.name) for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
+
+
+def _subfolders(folder):
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _open_rgb(path):
+    """Any mode (L, P, CMYK, RGBA, I;16, ...) -> RGB; transparent pixels are composited on white."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode in ("RGBA", "LA", "PA"):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        if img.mode.startswith("I"):                        # 16/32-bit grayscale: rescale to 8 bit
+            array = np.asarray(img, dtype=np.float64)
+            array = 255.0 * (array - array.min()) / max(array.max() - array.min(), 1.0)
+            return Image.fromarray(array.astype(np.uint8)).convert("RGB")
+        return img.convert("RGB")
+
+
+class ImageFolderDataset(Dataset):
+    """Images in `root/<class>/*` (labelled, classes sorted by name) or `root/*` (unlabelled, label -1).
+
+    Items: (PIL RGB image, label). A file that cannot be read is replaced by the next readable one and counted
+    in `num_skipped` (a counter in shared memory, so the loader's workers add to the same number).
+    """
+
+    def __init__(self, root):
+        self.root = root
+        classes = [c for c in _subfolders(root) if any(_is_image(n) for n in os.listdir(os.path.join(root, c)))]
+        if classes:
+            self.classes = classes
+            self.samples = [(path, label) for label, c in enumerate(classes)
+                            for path in _list_images(os.path.join(root, c))]
+        else:
+            self.classes = []
+            self.samples = [(path, -1) for path in _list_images(root)]
+        if not self.samples:
+            raise SystemExit(f"no images found in {root!r}; put images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...) in "
+                             f"{root}/<class>/ or directly in {root}/.")
+        self.labelled = bool(classes)
+        self._skipped = multiprocessing.Value("l", 0)
+
+    @property
+    def num_skipped(self):
+        return self._skipped.value
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        for attempt in range(min(len(self.samples), 100)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return _open_rgb(path), label
+            except Exception as error:                      # truncated, corrupt, unreadable, not an image
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                log.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
+        raise SystemExit(f"100 images in a row from {self.root!r} could not be read (last: {path!r}); "
+                         "check the files and the disk.")
+
+
+class _TorchvisionDataset(Dataset):
+    """A torchvision dataset (CIFAR-10, STL-10) as (PIL RGB image, label); STL-10's unlabelled images get -1."""
+
+    def __init__(self, base):
+        self.base = base
+        self.classes = list(getattr(base, "classes", []))
+        self.labelled = True
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        return image.convert("RGB"), int(label)
+
+
+def _torchvision_dataset(name, split):
+    import torchvision
+    try:
+        if name == "cifar10":
+            base = torchvision.datasets.CIFAR10(os.path.join(DATA_ROOT, "cifar10"), train=(split == "train"),
+                                                download=True)
+        else:                                               # stl10: 'train' 5k labelled, 'val' = 'test' 8k
+            stl_split = {"train": "train", "val": "test"}.get(split, split)
+            base = torchvision.datasets.STL10(os.path.join(DATA_ROOT, "stl10"), split=stl_split, download=True)
+    except Exception as error:
+        raise SystemExit(f"could not download or open --data {name} under {DATA_ROOT!r} ({type(error).__name__}: "
+                         f"{error}); this machine may have no internet: download it elsewhere into that folder, "
+                         "set MIM_DATA_ROOT, or use --data PATH.") from None
+    return _TorchvisionDataset(base)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeded, indexed wrapper: what the loaders see
+# ----------------------------------------------------------------------------------------------------------
+def sample_seed(seed, epoch, index):
+    """A 63-bit seed that depends only on (seed, epoch, index)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class IndexedDataset(Dataset):
+    """Wraps a base dataset of (PIL image, label): items are (transform(image), label, index).
+
+    The transform runs with torch's generator seeded from (seed, epoch, index) inside fork_rng, so augmentations
+    are reproducible per sample and epoch; `set_epoch(epoch)` before each epoch (build_loader's `set_epoch`
+    does it). Attributes: classes, num_classes, labelled, num_skipped, base.
+    """
+
+    def __init__(self, base, transform=None, seed=0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+        self.classes = list(getattr(base, "classes", []))
+        self.num_classes = len(self.classes)
+        self.labelled = getattr(base, "labelled", True) and self.num_classes > 0
+
+    @property
+    def num_skipped(self):
+        return getattr(self.base, "num_skipped", 0)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+                image = self.transform(image)
+        return image, label, index
+
+
+def build_dataset(data, split, transform=None, seed=0, **builtin_kwargs):
+    """data: None or 'builtin' | 'cifar10' | 'stl10' | a folder path; split: 'train' or 'val'.
+
+    A folder is read as `data/<split>/<class>/*` (ImageNet layout) or `data/<split>/*` (unlabelled); a folder
+    with images directly inside (`data/*.jpg`) is an unlabelled set used for both splits. Returns an
+    IndexedDataset whose items are (transform(image), label or -1, index). `builtin_kwargs` go to ShapesDataset
+    (size, n_per_class). Bad paths raise SystemExit with one sentence that says what to do.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split {split!r} is not 'train' or 'val'.")
+    if data is None or data == "builtin":
+        base = ShapesDataset(split, seed=0, **builtin_kwargs)   # the data itself never depends on the run's seed
+    elif data in ("cifar10", "stl10"):
+        base = _torchvision_dataset(data, split)
+    else:
+        root = os.path.expanduser(str(data))
+        if not os.path.isdir(root):
+            raise SystemExit(f"--data {data!r} is not a folder; give a folder with train/<class>/ and val/<class>/ "
+                             "subfolders, a folder of images, 'cifar10', 'stl10', or leave --data out for the "
+                             "built-in dataset.")
+        split_root = os.path.join(root, split)
+        if os.path.isdir(split_root):
+            base = ImageFolderDataset(split_root)
+        elif _list_images(root):
+            base = ImageFolderDataset(root)                 # flat unlabelled folder: the same images for both splits
+        elif os.path.isdir(os.path.join(root, "train")) or os.path.isdir(os.path.join(root, "val")):
+            raise SystemExit(f"--data {data!r} has no {split}/ subfolder; add {os.path.join(root, split)} with one "
+                             "subfolder of images per class.")
+        else:
+            raise SystemExit(f"--data {data!r} has neither train/ and val/ subfolders nor image files; use the "
+                             "ImageNet layout (train/<class>/*.jpg, val/<class>/*.jpg) or a flat folder of images.")
+    return IndexedDataset(base, transform, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transforms (torchvision.transforms.v2). Geometric and colour ops run on the PIL image, then the tensor is
+# normalised with the ImageNet mean/std, as the official code does.
+# ----------------------------------------------------------------------------------------------------------
+def _to_normalized_tensor():
+    from torchvision.transforms import v2
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def mae_transform(size, scale=(0.2, 1.0)):
+    """MAE / MixMIM pre-training: RandomResizedCrop(size, scale, bicubic) + horizontal flip + normalise
+    (facebookresearch/mae: main_pretrain.py; Sense-X/MixMIM the same). Returns a (3, size, size) tensor."""
+    from torchvision.transforms import v2
+    return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.RandomHorizontalFlip()] + _to_normalized_tensor())
+
+
+def maect_transform(size, scale=(0.08, 1.0)):
+    """MAE-CT (no colour jitter): RandomResizedCrop(size, (0.08, 1), bicubic) + flip + normalise
+    (ml-jku/MAE-CT stage 2/3 yamls, reference notes 1.6). Wrap in TwoViews for the two views."""
+    return mae_transform(size, scale)
+
+
+def _blur(reference_size, kernel_sigma=(0.1, 2.0)):
+    """BYOL's Gaussian blur with sigma ~ U(0.1, 2) px at 224 px images, scaled by reference_size / 224.
+
+    Scaling keeps the blur's strength relative to the image: on the built-in 32 px images sigma is
+    U(0.014, 0.29) px, on ImageNet crops (reference 224) exactly BYOL's U(0.1, 2). The kernel covers +-3 sigma
+    (odd, >= 3 px). Local crops use the global views' reference, as MIM-Refiner blurs its 96 px crops with
+    the same absolute sigma.
+    """
+    from torchvision.transforms import v2
+    factor = reference_size / 224
+    sigma = (kernel_sigma[0] * factor, kernel_sigma[1] * factor)
+    kernel = max(3, 2 * math.ceil(3 * sigma[1]) + 1)
+    return v2.GaussianBlur(kernel, sigma=sigma)
+
+
+def byol_view(size, scale, blur_p, solarize_p, reference_size=None):
+    """One BYOL-recipe view: RRC(size, scale, bicubic), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
+    grayscale p=0.2, blur p=blur_p, solarize(128) p=solarize_p, normalise (BYOL; ml-jku/MAE-CT and
+    ml-jku/MIM-Refiner via KappaData, reference notes 1.6 / 2.5)."""
+    from torchvision.transforms import v2
+    ops = [v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
+           v2.RandomHorizontalFlip(),
+           v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+           v2.RandomGrayscale(p=0.2)]
+    if blur_p > 0:
+        ops.append(v2.RandomApply([_blur(reference_size or size)], p=blur_p))
+    if solarize_p > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    return v2.Compose(ops + _to_normalized_tensor())
+
+
+class MultiView:
+    """Applies each transform to the same image: returns a list of views (collated to a list of batches)."""
+
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+    def __repr__(self):
+        return f"MultiView({self.transforms!r})"
+
+
+def TwoViews(transform):
+    """Two independent draws of the same transform (MAE-CT's `multi_crop_wrapper` with 2 views)."""
+    return MultiView([transform, transform])
+
+
+def byol_views(size, scale=(0.08, 1.0)):
+    """MAE-CT_aug's two views: view 1 blur p=1.0; view 2 blur p=0.1 + solarize p=0.2 (reference notes 1.6)."""
+    return MultiView([byol_view(size, scale, 1.0, 0.0), byol_view(size, scale, 0.1, 0.2)])
+
+
+def multicrop(global_size, local_size, n_local, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25)):
+    """MIM-Refiner's views (reference notes 2.5): 2 global BYOL views (blur 1.0 / blur 0.1 + solarize 0.2) at
+    global_size, scale (0.25, 1), then n_local local views at local_size, scale (0.05, 0.25), blur p=0.5, no
+    solarize. Returns [global1, global2, local1, ..., localN] tensors."""
+    local = byol_view(local_size, local_scale, 0.5, 0.0, reference_size=global_size)
+    return MultiView([byol_view(global_size, global_scale, 1.0, 0.0), byol_view(global_size, global_scale, 0.1, 0.2)]
+                     + [local] * n_local)
+
+
+def eval_transform(size, crop_ratio=None):
+    """Evaluation: resize the short side to size / crop_ratio (bicubic), centre crop size, normalise.
+
+    crop_ratio defaults to 224/256 (resize 256 + centre crop 224, the papers' protocol) for size > 64, and to
+    1.0 for small images (built-in data, CIFAR-10: only resized), where a 12 % crop would cut into the object.
+    """
+    from torchvision.transforms import v2
+    if crop_ratio is None:
+        crop_ratio = 224 / 256 if size > 64 else 1.0
+    return v2.Compose([v2.Resize(int(round(size / crop_ratio)), interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.CenterCrop(size)] + _to_normalized_tensor())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------------------------------------
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (also for one process) whose epoch can start after `skip` of this rank's samples.
+
+    The order is torch.randperm seeded with (seed + epoch), the same on every rank, then strided by rank:
+    it depends only on (seed, epoch, world size), so a resumed run sees exactly the batches it had not seen.
+    """
+
+    def __init__(self, dataset, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def build_loader(dataset, batch_size, dist=None, train=True, num_workers=0, seed=0):
+    """A DataLoader over `dataset` for this rank: shuffled with drop_last when train, in order otherwise.
+
+    dist: the engine's Dist (rank, world_size, device) or None for one process. Workers are not persistent, so
+    `set_epoch` reaches them; the loader has its own generator so it never draws from torch's global one.
+    """
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
+    pin = dist is not None and getattr(dist, "device", torch.device("cpu")).type == "cuda"
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin,
+                      drop_last=train, generator=generator, persistent_workers=False)
+
+
+def set_epoch(loader, epoch, skip_batches=0):
+    """Before each epoch: the sampler's order and the dataset's augmentation seeds follow `epoch`; the first
+    `skip_batches` batches of this rank are left out (mid-epoch resume)."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if hasattr(loader.sampler, "skip"):
+        loader.sampler.skip = skip_batches * loader.batch_size
+    elif skip_batches:
+        raise ValueError("this loader's sampler cannot skip batches; build it with build_loader.")
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
