@@ -1,0 +1,244 @@
+"""Group-masked attention (kernels/attention.py) against an independent float64 computation.
+
+Under TRITON_INTERPRET=1 on CPU (set by conftest.py) the Triton kernel runs in the interpreter; with CUDA
+the same tests run natively. The oracle below never builds a group mask: for every (sample, group) it
+gathers that group's tokens and runs plain dense softmax attention on them in float64.
+
+Every input is a strided view into a larger NaN-filled buffer (an out-of-bounds read shows up as NaN) and
+every output buffer starts as NaN (kernels.attention.POISON_OUTPUTS), so a missed store shows too.
+"""
+import contextlib
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+import kernels  # noqa: F401  (kernels/__init__ rebinds the name `kernels.attention` to the function)
+from kernels.attention import attention, attention_reference
+
+attn_module = sys.modules["kernels.attention"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Max-abs error allowed relative to max(1, max |reference|). fp32: IEEE dots, fp32 accumulation, so the
+# error is a few fp32 ulps times the reduction length (~1e-6). fp16/bf16: P and dS are rounded to the input
+# dtype before their matmuls (as in every flash-attention kernel) and outputs are stored in it, which
+# costs a few units of the dtype's rounding error (fp16: 2^-11 ~ 4.9e-4, bf16: 2^-8 ~ 3.9e-3).
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(attn_module, "POISON_OUTPUTS", True)
+
+
+@contextlib.contextmanager
+def tile_config(block_m, block_n):
+    """Pin every attention kernel to one tile shape (the autotuner then runs that config only)."""
+    tuned = (attn_module._attn_fwd_tuned, attn_module._attn_bwd_dkdv_tuned, attn_module._attn_bwd_dq_tuned)
+    saved = [kernel.configs for kernel in tuned]
+    try:
+        for kernel in tuned:
+            kernel.configs = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)]
+        yield
+    finally:
+        for kernel, configs in zip(tuned, saved):
+            kernel.configs = configs
+
+
+def poisoned_view(shape, dtype, generator):
+    """A random tensor of `shape` living inside a NaN buffer with 3 extra rows and 5 extra columns.
+    Returns (buffer with requires_grad, view of it); the view's last dim stays contiguous."""
+    *lead, n, d = shape
+    buffer = torch.full((*lead, n + 3, d + 5), float("nan"), dtype=dtype)
+    buffer[..., 1:n + 1, 2:d + 2] = torch.randn(shape, generator=generator).to(dtype)
+    buffer = buffer.to(DEVICE).requires_grad_()
+    return buffer, buffer[..., 1:n + 1, 2:d + 2]
+
+
+def make_groups(pattern, batch, n, generator):
+    """(B, N) int64 group ids for a named pattern."""
+    if pattern == "single":                       # one group: must equal plain attention
+        return torch.zeros(batch, n, dtype=torch.long)
+    if pattern == "random":                       # 3 groups scattered over the sequence
+        return torch.randint(0, 3, (batch, n), generator=generator)
+    if pattern == "contiguous":                   # MixMIM after sorting: two (nearly) equal runs
+        return (torch.arange(n) >= (n + 1) // 2).long().expand(batch, n).clone()
+    if pattern == "padding":                      # random groups, ~25% padding, sample 0 entirely padding
+        groups = torch.randint(0, 2, (batch, n), generator=generator)
+        groups[torch.rand(batch, n, generator=generator) < 0.25] = -1
+        groups[0] = -1
+        return groups
+    raise ValueError(pattern)
+
+
+def oracle(q, k, v, groups):
+    """Float64 group-masked attention without any mask: plain softmax attention inside each group.
+    q, k, v (B, H, N, d) float64; groups (B, N) -> (B, H, N, d); padding rows stay 0."""
+    out = (q + k + v) * 0.0                       # zeros that keep q, k and v in the autograd graph
+    scale = q.shape[-1] ** -0.5
+    for b in range(q.shape[0]):
+        for gid in groups[b].unique().tolist():
+            if gid < 0:
+                continue
+            idx = (groups[b] == gid).nonzero().flatten().to(q.device)
+            qg, kg, vg = q[b][:, idx], k[b][:, idx], v[b][:, idx]                   # (H, n_g, d)
+            out[b][:, idx] = torch.softmax(qg @ kg.transpose(-2, -1) * scale, dim=-1) @ vg
+    return out
+
+
+def run_case(n, d, pattern, dtype, batch=2, heads=2, seed=0):
+    """Kernel vs oracle: forward output and dq, dk, dv. Returns nothing; asserts."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = make_groups(pattern, batch, n, gen)
+    bufs, views = zip(*(poisoned_view((batch, heads, n, d), dtype, gen) for _ in range(3)))
+    _, grad_out = poisoned_view((batch, heads, n, d), dtype, gen)
+    grad_out = grad_out.detach()
+
+    out = attention(*views, groups=groups.to(DEVICE), backend="triton")
+    grads = torch.autograd.grad(out, bufs, grad_out)
+
+    ref_inputs = [view.detach().cpu().double().requires_grad_() for view in views]
+    ref_out = oracle(*ref_inputs, groups)
+    ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out.cpu().double())
+
+    tol = TOLERANCE[dtype]
+    for name, got, want in [("out", out, ref_out)] + [
+            (name, grad[..., 1:n + 1, 2:d + 2], want) for name, grad, want in zip(("dq", "dk", "dv"), grads, ref_grads)]:
+        got = got.detach().cpu().double()
+        assert torch.isfinite(got).all(), f"{name}: non-finite values (a missed store or an unmasked read)"
+        err = (got - want).abs().max().item()
+        bound = tol * max(1.0, want.abs().max().item())
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (N={n}, d={d}, {pattern}, {dtype})"
+    for grad in grads:   # the NaN margins of each buffer are not part of any input: zero gradient there
+        margin = grad.clone()
+        margin[..., 1:n + 1, 2:d + 2] = 0
+        assert (margin == 0).all()
+
+
+# Every N in {1, 17, 64, 197, 257}, every d in {32, 64, 80, 128}, every group pattern, fp32 and fp16.
+CASES = [
+    (1, 32, "single", torch.float32),
+    (1, 80, "padding", torch.float16),
+    (17, 80, "random", torch.float32),
+    (17, 128, "padding", torch.float16),
+    (64, 128, "contiguous", torch.float16),
+    (64, 64, "single", torch.float32),
+    (197, 64, "contiguous", torch.float32),
+    (197, 80, "padding", torch.float16),
+    (257, 32, "random", torch.float16),
+    (257, 128, "padding", torch.float32),
+]
+
+
+@pytest.mark.parametrize("n, d, pattern, dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_matches_float64_oracle(n, d, pattern, dtype):
+    run_case(n, d, pattern, dtype)
+
+
+# Tile shapes: square and non-square, with loops that start off a tile boundary (groups of odd sizes).
+# On a GPU every autotune config is checked, so whichever the autotuner picks is known correct.
+def _tile_shapes():
+    if torch.cuda.is_available():
+        return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+                       for c in attn_module._FWD_CONFIGS + attn_module._BWD_CONFIGS})
+    return [(16, 32), (32, 16)]
+
+
+@pytest.mark.parametrize("block_m, block_n", _tile_shapes())
+def test_tile_shapes(block_m, block_n):
+    with tile_config(block_m, block_n):
+        run_case(97, 64, "contiguous", torch.float32, batch=1, heads=1, seed=1)
+        run_case(97, 32, "padding", torch.float16, batch=2, heads=1, seed=2)
+
+
+def test_reference_matches_oracle():
+    gen = torch.Generator().manual_seed(3)
+    groups = make_groups("padding", 3, 40, gen)
+    q, k, v = (torch.randn(3, 2, 40, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    got = attention_reference(q, k, v, groups)
+    torch.testing.assert_close(got, oracle(q, k, v, groups), rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(got.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_single_group_equals_plain_attention():
+    """One group for every token must be exactly the unmasked softmax attention (SDPA)."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 197, 64, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(2, 3, 197, 64, generator=gen).to(DEVICE)
+    groups = torch.full((2, 197), 7, device=DEVICE)
+    out = attention(q, k, v, groups, backend="triton")
+    plain = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, plain, rtol=0, atol=2e-5)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out),
+                         torch.autograd.grad(plain, (q, k, v), grad_out)):
+        torch.testing.assert_close(got, want, rtol=0, atol=5e-5)
+
+
+def test_padding_tokens_output_zero_and_get_zero_gradient():
+    gen = torch.Generator().manual_seed(5)
+    groups = make_groups("padding", 2, 70, gen)
+    groups[1, :5] = -1
+    q, k, v = (torch.randn(2, 2, 70, 32, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    out = attention(q, k, v, groups.to(DEVICE), backend="triton")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    pad = (groups < 0).to(DEVICE)[:, None, :, None].expand_as(out)
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all(), name
+        assert (t[pad] == 0).all(), f"{name} is not zero on padding tokens"
+        assert (t[~pad] != 0).any(), f"{name} is zero everywhere"
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")   # group 1's own rows are NaN by design
+def test_groups_are_never_read_across():
+    """The claim behind the tile skipping: a query never touches another group's keys when the groups sit in
+    tile-aligned runs (here 0 | 1 | 0, 32 tokens each, 32-wide tiles). Group 1's q, k, v and grad are NaN;
+    group 0's output and gradients must still be finite and equal plain attention over group 0 alone
+    (any read of a group-1 tile would multiply a NaN, even by a zero probability)."""
+    gen = torch.Generator().manual_seed(6)
+    groups = torch.tensor([0] * 32 + [1] * 32 + [0] * 32)[None]
+    group0 = (groups[0] == 0).nonzero().flatten()
+    q, k, v, grad_out = (torch.randn(1, 2, 96, 32, generator=gen) for _ in range(4))
+    for t in (q, k, v, grad_out):
+        t[:, :, 32:64] = float("nan")
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in (q, k, v))
+    with tile_config(32, 32):
+        out = attention(q, k, v, groups.to(DEVICE), backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v), grad_out.to(DEVICE))
+    sub = [t.detach().cpu().double()[:, :, group0].requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*sub)
+    want_grads = torch.autograd.grad(want, sub, grad_out.double()[:, :, group0])
+    torch.testing.assert_close(out.detach().cpu().double()[:, :, group0], want, rtol=0, atol=2e-5)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got.cpu().double()[:, :, group0], expected, rtol=0, atol=2e-5)
+
+
+def test_no_groups_is_sdpa_and_torch_backend_is_reference():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 33, 16, generator=gen) for _ in range(3))
+    assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    groups = make_groups("random", 1, 33, gen)
+    assert torch.equal(attention(q, k, v, groups, backend="torch"), attention_reference(q, k, v, groups))
+
+
+def test_bad_input_names_the_value():
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"groups must be an integer tensor of shape \(B, N\) = \(1, 8\)"):
+        attention(q, q, q, torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="groups must be an integer"):
+        attention(q, q, q, torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="share one shape"):
+        attention(q, q[:, :1], q, torch.zeros(1, 8, dtype=torch.long))
+    big = torch.randn(1, 1, 8, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim 256"):
+        attention(big, big, big, torch.zeros(1, 8, dtype=torch.long, device=DEVICE), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tensor-core dots need a GPU (the interpreter gets bf16 wrong)")
+@pytest.mark.parametrize("n, d, pattern", [(197, 64, "contiguous"), (257, 80, "padding"), (1025, 64, "random")])
+def test_bf16_native(n, d, pattern):
+    run_case(n, d, pattern, torch.bfloat16)
