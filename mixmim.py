@@ -1,0 +1,247 @@
+"""MixMIM / MixMAE: mixed and masked image modeling with dual reconstruction, on the shared plain ViT.
+
+Paper: Liu, Huang, Zhou, Li, Dai, "MixMIM: Mixed and Masked Image Modeling for Efficient Visual Representation
+Learning", arXiv 2205.13137 (https://arxiv.org/abs/2205.13137); published at CVPR 2023 as "MixMAE: Mixed and
+Masked Autoencoder for Efficient Pretraining of Hierarchical Vision Transformers". Official code: Sense-X/MixMIM.
+
+Idea. MAE replaces 75 % of the patches by nothing; MixMIM replaces 50 % of one image's patches by the patches
+of another image (the batch reversed), so the encoder sees a full-size input with no [MASK] tokens and no
+wasted positions. Attention is restricted to tokens of the same source image, so each image is encoded
+separately inside one sequence. The decoder then runs twice per mixed input ("dual reconstruction"): once
+keeping image A's tokens and filling the rest with a mask token, once keeping image B's; each copy
+reconstructs the patches its image lost. "Unmixing" picks, for every patch of every image, the one
+prediction made where that patch was hidden, and the loss is the mean squared error against per-patch
+normalised pixels (norm-pix) over all patches.
+
+Commands (run directory: --output_dir, default runs/mixmim):
+    python mixmim.py                                              # built-in data, vit_mini, ~10 min on 2 CPU cores
+    python mixmim.py --model vit_b --data /imagenet               # one GPU (use --accum_iter to keep batch 2048)
+    torchrun --nproc_per_node 8 mixmim.py --model vit_b --data /imagenet
+    torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \\
+        mixmim.py --model vit_l --data /imagenet                 # two nodes (run on each, NODE = 0 / 1)
+    python mixmim.py ... --resume                                 # continue from <output_dir>/checkpoint.pth
+    python -m common.eval --ckpt runs/mixmim/checkpoint.pth --data /imagenet   # k-NN / probe of the encoder
+
+Expected results. Official (hierarchical Swin-B/W14 encoder, 600 epochs, ImageNet-1K fine-tuned top-1,
+Sense-X/MixMIM README): MixMIM-B 85.1, MixMIM-L 85.9; mmpretrain's 300-epoch re-run of B: 84.63. Cost: the
+encoder runs on every token (unlike MAE's 25 %), so a plain ViT-B step costs about 2.5x an MAE step; the
+official run is 16 GPUs x 128 images. Plain-ViT numbers are not published (reference notes 2.8). The default
+CPU run: see the README's result table (k-NN of the final-norm CLS token against raw pixels).
+
+What is the official method (Sense-X/MixMIM: models_mixmim.py, main_pretrain.py, exp/base_600ep/pretrain.sh):
+  - one random mask per batch (per GPU), ratio 0.5, int(cells * 0.5) cells from the partner; partner = flip(0);
+  - mixing of the patch embeddings before the (fixed sin-cos) position embedding: x = x(1-m) + flip(x) m;
+  - no token attends to a token of the other image, in every encoder block; the decoder is unmasked;
+  - decoder: Linear to 512, 8 blocks, 16 heads, MLP 4x, LayerNorm eps 1e-5, fixed sin-cos, run on the doubled
+    batch [keep A; keep B] with one shared mask token; Linear to p*p*3;
+  - loss: mean over all patches of (unmix(pred) - norm_pix(target))^2, unbiased var, eps 1e-6;
+  - recipe: batch 2048, AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4 (lr = blr * batch / 256), 40 warm-up epochs,
+    cosine to 0, 600 epochs, RandomResizedCrop(224, 0.2-1, bicubic) + flip, no drop path.
+What is ours (reference notes 2.10; the official encoder is a hierarchical Swin without shifts):
+  - the encoder is the shared plain ViT (LayerNorm eps 1e-6, MAE's init) with global attention; the
+    group mask goes through kernels.attention(q, k, v, groups) (Triton on GPU) instead of a -1e30 logit bias;
+  - mixing unit (--mix_unit, in patches per side): default 2 patches = 32 px at patch 16, the official 32 px
+    cell (7x7 cells at 224 px, 24 from the partner, exactly as the official mask); on the 32 px CPU data, 2
+    patches = 8 px cells (4x4 grid). --mix_unit 1 mixes single tokens (the notes' 2.10 proposal);
+  - CLS: the official model has none. We give each group its own CLS token (two copies of the one cls_token
+    parameter, one attending only to image A's tokens, one only to image B's) and pass each to its decoder
+    copy as MAE does, so the CLS is trained and every CLS-based protocol (k-NN, linear probe, fine-tuning)
+    applies unchanged; the checkpoint keeps timm's single cls_token;
+  - tokens are sorted by group before the encoder (one permutation for the batch: [CLS_A, A's patches,
+    CLS_B, B's patches]) and unsorted after it. Position is added before, so the math is the same in any
+    order (tests/test_mixmim.py proves it); contiguous groups let the attention kernel skip the tiles where
+    the two images meet, so each image costs about half of dense attention (--no_sort_groups to compare);
+  - the decoder predicts patch-16 pixels on the 14x14 grid (the official one predicts 32 px cells on 7x7);
+  - CPU presets (vit_micro / vit_mini): smaller decoders and a short schedule, our choice to fit minutes.
+  - an odd batch mixes its middle image with itself (as the official code does); use even per-GPU batches.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.vit import Block, create_vit, get_2d_sincos_pos_embed
+
+# Decoder per encoder size: (width, depth, heads). Official: 512 / 8 / 16 (Sense-X/MixMIM: models_mixmim.py
+# mixmim_base/large, decoder_dim=512, decoder_depth=8, decoder_num_heads=16). CPU presets: our choice.
+DECODERS = {"vit_micro": (32, 1, 2), "vit_mini": (128, 2, 4)}
+OFFICIAL_DECODER = (512, 8, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masking, mixing, unmixing
+# ----------------------------------------------------------------------------------------------------------
+def random_cell_mask(num_cells, mask_ratio, noise=None, device=None):
+    """One mask for the whole batch (Sense-X/MixMIM: models_mixmim.py random_masking).
+
+    noise (num_cells,) or None (then torch.rand) -> mask (num_cells,) float, 1 = the cell comes from the
+    partner image; exactly int(num_cells * mask_ratio) ones, at the cells with the smallest noise.
+    """
+    if noise is None:
+        noise = torch.rand(num_cells, device=device)
+    noise = noise.reshape(-1)
+    mask = torch.zeros(num_cells, device=noise.device)
+    mask[torch.argsort(noise)[: int(num_cells * mask_ratio)]] = 1.0
+    return mask
+
+
+def cells_to_tokens(cell_mask, grid_size, mix_unit):
+    """cell_mask (gh/u * gw/u,) -> token mask (gh * gw,) in row-major token order: each cell covers u x u tokens
+    (the official code nearest-upsamples its 7x7 mask to every stage grid the same way)."""
+    gh, gw = grid_size
+    cells = cell_mask.reshape(gh // mix_unit, gw // mix_unit)
+    return cells.repeat_interleave(mix_unit, 0).repeat_interleave(mix_unit, 1).reshape(-1)
+
+
+def mix(x, mask):
+    """x (B, L, ...) with mask (L,) 1 = partner -> sample i keeps its own rows where mask = 0 and takes sample
+    B-1-i's where mask = 1 (the batch reversed). Mixing twice with the same mask gives x back."""
+    m = mask.reshape(1, -1, *([1] * (x.dim() - 2))).to(x.dtype)
+    return x * (1 - m) + x.flip(0) * m
+
+
+def dual_decoder_input(tokens, mask_token, mask):
+    """tokens (B, L, C) of the mixed images -> (2B, L, C): [keep image i's tokens (mask = 0), fill the rest with
+    the mask token; keep partner B-1-i's tokens (mask = 1), fill the rest] (models_mixmim.py forward_decoder)."""
+    m = mask.reshape(1, -1, 1).to(tokens.dtype)
+    keep_own = tokens * (1 - m) + mask_token * m
+    keep_partner = tokens * m + mask_token * (1 - m)
+    return torch.cat([keep_own, keep_partner], dim=0)
+
+
+def unmix(pred, mask):
+    """pred (2B, L, P) from the dual decoder -> (B, L, P): for image i, every patch from the copy where it
+    was hidden: at mask = 1 from copy 1 of slot i (which kept image i and lost these patches), at mask = 0
+    from copy 2 of slot B-1-i (which kept image i's tokens at mask = 1 and lost these)."""
+    batch = pred.shape[0] // 2
+    m = mask.reshape(1, -1, 1).to(pred.dtype)
+    return pred[:batch] * m + pred[batch:].flip(0) * (1 - m)
+
+
+def patchify(imgs, patch_size):
+    """imgs (B, 3, H, W) -> (B, L, p*p*3), patch vectors ordered (row, col, channel) as MAE's patchify."""
+    B, C, H, W = imgs.shape
+    p = patch_size
+    x = imgs.reshape(B, C, H // p, p, W // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, patch_size, grid_size):
+    """(B, L, p*p*3) -> (B, 3, H, W); the inverse of patchify."""
+    B, p, (gh, gw) = x.shape[0], patch_size, grid_size
+    x = x.reshape(B, gh, gw, p, p, 3)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, 3, gh * p, gw * p)
+
+
+def norm_pix(target, eps=1e-6):
+    """Per-patch normalised pixels (MAE's norm_pix_loss): (t - mean) / sqrt(unbiased var + eps)."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def unmix_loss(pred, target, mask):
+    """pred (2B, L, P), target (B, L, P), mask (L,) -> (scalar MSE over every element of unmix(pred) vs target,
+    unmixed pred (B, L, P)). Each patch of each image is counted once (models_mixmim.py forward_loss)."""
+    reconstruction = unmix(pred, mask)
+    return ((reconstruction.float() - target.float()) ** 2).mean(), reconstruction
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------
+class MixMIM(nn.Module):
+    """Encoder (the shared ViT, as self.encoder) + MAE-style decoder, with mixing and dual reconstruction.
+
+    model(imgs (B, 3, H, W), mask_ratio=0.5, noise=None) -> (loss, pred (B, L, p*p*3) unmixed reconstruction
+    in norm-pix units when norm_pix_loss, mask (L,) 1 = token taken from the partner image).
+    """
+
+    def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mix_unit=2,
+                 norm_pix_loss=True, sort_groups=True):
+        super().__init__()
+        self.encoder = encoder
+        gh, gw = encoder.grid_size
+        if gh % mix_unit or gw % mix_unit:
+            raise ValueError(f"--mix_unit {mix_unit} does not divide the {gh}x{gw} patch grid; "
+                             "pick a divisor of the grid side (1 mixes single patches).")
+        self.mix_unit, self.norm_pix_loss, self.sort_groups = mix_unit, norm_pix_loss, sort_groups
+        self.num_cells = (gh // mix_unit) * (gw // mix_unit)
+        p = encoder.patch_size
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.from_numpy(
+            get_2d_sincos_pos_embed(decoder_dim, encoder.grid_size, cls_token=True)).unsqueeze(0), requires_grad=False)
+        # Official decoder blocks are timm Blocks with nn.LayerNorm's default eps 1e-5.
+        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, 4.0, norm_eps=1e-5)
+                                            for _ in range(decoder_depth))
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, p * p * 3)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)            # models_mixmim.py: trunc_normal_(0.02)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def draw_mask(self, mask_ratio, noise=None, device=None):
+        """-> token mask (L,) float, 1 = from the partner; cells of mix_unit x mix_unit patches."""
+        cells = random_cell_mask(self.num_cells, mask_ratio, noise, device)
+        return cells_to_tokens(cells, self.encoder.grid_size, self.mix_unit)
+
+    def forward_encoder(self, imgs, mask, return_blocks=()):
+        """imgs (B, 3, H, W), mask (L,) -> (latent (B, 2+L, D) after the final norm in the order
+        [CLS of image i's group, CLS of the partner's group, mixed patch tokens in grid order], {block: raw out}).
+
+        Groups: 0 = CLS_A and the patches of image i (mask 0), 1 = CLS_B and the partner's (mask 1); attention
+        never crosses groups, so each group's outputs depend only on its own image.
+        """
+        vit = self.encoder
+        tokens = mix(vit.patch_embed(imgs), mask)                                   # mix before position
+        tokens = tokens + vit.patch_pos_embed(vit.grid_size).to(tokens.dtype)
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).to(tokens.dtype).expand(len(imgs), 2, -1)
+        x = torch.cat([cls, tokens], dim=1)                                         # (B, 2+L, D)
+        groups = torch.cat([torch.tensor([0, 1], device=mask.device), mask.long()])  # (2+L,)
+        if self.sort_groups:
+            # Stable sort: [CLS_A, A's patches, CLS_B, B's patches], grid order inside each group.
+            order = torch.argsort(groups, stable=True)
+            restore = torch.argsort(order)
+            x, groups = x[:, order], groups[order]
+        x, block_outputs = vit.run_blocks(x, groups.expand(len(imgs), -1), return_blocks)
+        x = vit.norm(x)
+        if self.sort_groups:
+            x = x[:, restore]
+            block_outputs = {i: out[:, restore] for i, out in block_outputs.items()}
+        return x, block_outputs
+
+    def forward_decoder(self, latent, mask):
+        """latent (B, 2+L, D) -> pred (2B, L, p*p*3): [copies keeping image i; copies keeping the partner]."""
+        z = self.decoder_embed(latent)
+        patches = dual_decoder_input(z[:, 2:], self.mask_token.to(z.dtype), mask)   # (2B, L, C)
+        cls = torch.cat([z[:, :1], z[:, 1:2]], dim=0)                               # each copy gets its group's CLS
+        x = torch.cat([cls, patches], dim=1) + self.decoder_pos_embed.to(z.dtype)
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+    def target(self, imgs):
+        target = patchify(imgs, self.encoder.patch_size)
+        return norm_pix(target) if self.norm_pix_loss else target
+
+    def forward(self, imgs, mask_ratio=0.5, noise=None):
+        mask = self.draw_mask(mask_ratio, noise, imgs.device)
+        latent, _ = self.forward_encoder(imgs, mask)
+        pred = self.forward_decoder(latent, mask)
+        loss, reconstruction = unmix_loss(pred, self.target(imgs), mask)
+        return loss, reconstruction, mask
+
+
+def create_mixmim(name="vit_b", decoder=None, mix_unit=2, norm_pix_loss=True, sort_groups=True, **vit_overrides):
+    """MixMIM around create_vit(name, **vit_overrides); decoder (width, depth, heads) defaults per preset."""
+    encoder = create_vit(name, **vit_overrides)
+    width, depth, heads = decoder or DECODERS.get(name, OFFICIAL_DECODER)
+    return MixMIM(encoder, width, depth, heads, mix_unit, norm_pix_loss, sort_groups)

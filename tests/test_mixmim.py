@@ -1,0 +1,178 @@
+"""mixmim.py: isolation of the two images in the encoder, mixing/unmixing, the loss of Sense-X/MixMIM
+forward_loss against an explicit loop, group sorting, and the CLI end to end on a tiny config."""
+import math
+
+import pytest
+import torch
+
+import kernels
+import mixmim
+
+
+def tiny_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return mixmim.create_mixmim("vit_micro", **kwargs).eval()
+
+
+def fixed_noise(model, seed=1):
+    return torch.rand(model.num_cells, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def backend():
+    """Set the kernels backend for one test and restore the default after it."""
+    previous = kernels.get_backend()
+    yield kernels.set_backend
+    kernels.set_backend(previous)
+
+
+# ---- masking and mixing ------------------------------------------------------------------------------------
+def test_mask_is_shared_cells_of_the_lowest_noise():
+    model = tiny_model(mix_unit=2)                              # 8x8 tokens, 4x4 cells of 2x2 tokens
+    noise = fixed_noise(model)
+    mask = model.draw_mask(0.5, noise).reshape(8, 8)
+    lowest = set(sorted(range(16), key=lambda c: noise[c].item())[:8])
+    for r in range(8):
+        for c in range(8):
+            cell = (r // 2) * 4 + c // 2
+            assert mask[r, c].item() == (1.0 if cell in lowest else 0.0)
+    assert mask.sum().item() == 8 * 4                          # int(16 * 0.5) cells of 4 tokens
+
+
+def test_token_mixing_equals_embedding_the_pixel_mix():
+    model = tiny_model(mix_unit=2)
+    mask = model.draw_mask(0.5, fixed_noise(model))
+    imgs = torch.randn(4, 3, 32, 32)
+    p = model.encoder.patch_size
+    pixel_mix = imgs.clone()
+    for i in range(4):
+        for t in range(64):
+            if mask[t] == 1:                                    # token t = row t // 8, column t % 8
+                r, c = t // 8 * p, t % 8 * p
+                pixel_mix[i, :, r:r + p, c:c + p] = imgs[3 - i, :, r:r + p, c:c + p]
+    with torch.no_grad():
+        expected = model.encoder.patch_embed(pixel_mix)
+        got = mixmim.mix(model.encoder.patch_embed(imgs), mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixing_twice_and_unmixing_perfect_predictions_give_the_images_back():
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, 5)
+    mask = (torch.rand(16) < 0.5).float()
+    torch.testing.assert_close(mixmim.mix(mixmim.mix(x, mask), mask), x)
+    # A perfect dual decoder: copy 1 of slot i outputs image i, copy 2 of slot i outputs its partner 5 - i.
+    perfect = torch.cat([x, x.flip(0)], dim=0)
+    torch.testing.assert_close(mixmim.unmix(perfect, mask), x)
+    patches = torch.randn(2, 64, 48)
+    torch.testing.assert_close(mixmim.patchify(mixmim.unpatchify(patches, 4, (8, 8)), 4), patches)
+
+
+def test_every_patch_is_supervised_once_by_a_copy_where_it_was_hidden():
+    B, L, P = 4, 16, 3
+    mask = torch.tensor([1., 0., 0., 1., 1., 1., 0., 0., 0., 1., 0., 1., 1., 0., 0., 1.])
+    image_ids = torch.arange(B, dtype=torch.float).reshape(B, 1, 1).expand(B, L, 1)
+    mixed_ids = mixmim.mix(image_ids, mask)                     # which image each mixed token came from
+    copies = mixmim.dual_decoder_input(mixed_ids, torch.full((1, 1, 1), -1.0), mask)[..., 0]   # (2B, L), -1 = hidden
+    kept_image = [set(row[row >= 0].long().tolist()) for row in copies]
+    assert all(len(kept) == 1 for kept in kept_image)           # each copy sees exactly one image
+
+    pred = torch.randn(2 * B, L, P, requires_grad=True)
+    loss, _ = mixmim.unmix_loss(pred, torch.randn(B, L, P), mask)
+    loss.backward()
+    used = pred.grad.abs().sum(-1) > 0                          # (2B, L): predictions the loss reads
+    for copy in range(2 * B):
+        for t in range(L):
+            if used[copy, t]:
+                assert copies[copy, t] == -1, "a prediction at a visible position is supervised"
+    for image in range(B):
+        for t in range(L):
+            sources = [copy for copy in range(2 * B) if used[copy, t] and kept_image[copy] == {image}]
+            assert len(sources) == 1, f"image {image} patch {t} is supervised {len(sources)} times"
+    assert used.sum().item() == B * L
+
+
+def explicit_loss(pred, imgs, mask, p):
+    """MixMIM's loss written out: for image i and patch t, the prediction from copy 1 of slot i if the patch
+    came from the partner (mask 1), else from copy 2 of slot B-1-i; target = per-patch norm-pix of the
+    (row, col, channel)-ordered patch with the unbiased variance and eps 1e-6; mean over every element."""
+    B, _, H, W = imgs.shape
+    gw = W // p
+    total, count = 0.0, 0
+    for i in range(B):
+        for t in range(pred.shape[1]):
+            r, c = t // gw, t % gw
+            values = [imgs[i, ch, r * p + a, c * p + b].item() for a in range(p) for b in range(p) for ch in range(3)]
+            mean = sum(values) / len(values)
+            var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+            source = pred[i, t] if mask[t] == 1 else pred[B + (B - 1 - i), t]
+            for k, v in enumerate(values):
+                total += (source[k].item() - (v - mean) / math.sqrt(var + 1e-6)) ** 2
+                count += 1
+    return total / count
+
+
+def test_loss_matches_the_formula_written_out():
+    torch.manual_seed(0)
+    imgs, pred = torch.randn(4, 3, 8, 8), torch.randn(8, 16, 12)
+    mask = (torch.rand(16) < 0.5).float()
+    loss, _ = mixmim.unmix_loss(pred, mixmim.norm_pix(mixmim.patchify(imgs, 2)), mask)
+    assert loss.item() == pytest.approx(explicit_loss(pred, imgs, mask, 2), rel=1e-5)
+
+
+def test_model_forward_loss_is_the_unmix_loss_of_its_decoder():
+    model = tiny_model()
+    imgs, noise = torch.randn(4, 3, 32, 32), fixed_noise(model)
+    with torch.no_grad():
+        loss, _, mask = model(imgs, noise=noise)
+        latent, _ = model.forward_encoder(imgs, mask)
+        pred = model.forward_decoder(latent, mask)
+    assert mask.sum().item() == 32
+    assert loss.item() == pytest.approx(explicit_loss(pred, imgs, mask, 4), rel=1e-4)
+
+
+# ---- the encoder: no attention across images, order-free --------------------------------------------------
+def encoder_outputs(model, imgs, mask):
+    with torch.no_grad():
+        latent, blocks = model.forward_encoder(imgs, mask, return_blocks=range(model.encoder.depth))
+    return [blocks[i] for i in range(model.encoder.depth)] + [latent]
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_changing_the_partner_leaves_the_other_group_unchanged_in_every_block(kernel, backend):
+    backend(kernel)
+    model = tiny_model()
+    imgs = torch.randn(4, 3, 32, 32)
+    mask = model.draw_mask(0.5, fixed_noise(model))
+    changed = imgs.clone()
+    changed[3] = torch.randn(3, 32, 32)                         # image 3 is sample 0's partner
+    own = torch.cat([torch.tensor([True, False]), mask == 0])   # sample 0's group: CLS_A and its own patches
+    before, after = encoder_outputs(model, imgs, mask), encoder_outputs(model, changed, mask)
+    for out_before, out_after in zip(before, after):
+        torch.testing.assert_close(out_after[0, own], out_before[0, own], atol=1e-5, rtol=1e-5)
+        assert (out_after[0, ~own] - out_before[0, ~own]).abs().max() > 1e-2   # the partner's group did change
+
+    # Control: without the group mask the same change reaches sample 0's own tokens, so the check can fail.
+    run_blocks = model.encoder.run_blocks
+    model.encoder.run_blocks = lambda x, groups=None, return_blocks=(): run_blocks(x, None, return_blocks)
+    leaked = encoder_outputs(model, changed, mask)[-1][0, own] - encoder_outputs(model, imgs, mask)[-1][0, own]
+    assert leaked.abs().max() > 1e-2
+
+
+def test_group_sorting_does_not_change_the_math():
+    sorted_model, plain_model = tiny_model(sort_groups=True), tiny_model(sort_groups=False)
+    plain_model.load_state_dict(sorted_model.state_dict())
+    imgs, noise = torch.randn(4, 3, 32, 32), fixed_noise(sorted_model)
+    mask = sorted_model.draw_mask(0.5, noise)
+    for a, b in zip(encoder_outputs(sorted_model, imgs, mask), encoder_outputs(plain_model, imgs, mask)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    losses = []
+    for model in (sorted_model, plain_model):
+        model.zero_grad()
+        loss, _, _ = model(imgs, noise=noise)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for (name, a), b in zip(sorted_model.named_parameters(), plain_model.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
