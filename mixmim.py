@@ -56,9 +56,7 @@ What is ours (reference notes 2.10; the official encoder is a hierarchical Swin 
   - an odd batch mixes its middle image with itself (as the official code does); use even per-GPU batches.
 """
 import argparse
-import math
 import os
-import sys
 import time
 
 import torch
@@ -245,3 +243,147 @@ def create_mixmim(name="vit_b", decoder=None, mix_unit=2, norm_pix_loss=True, so
     encoder = create_vit(name, **vit_overrides)
     width, depth, heads = decoder or DECODERS.get(name, OFFICIAL_DECODER)
     return MixMIM(encoder, width, depth, heads, mix_unit, norm_pix_loss, sort_groups)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+# Official pre-training recipe (reference notes 2.7; Sense-X/MixMIM: exp/base_600ep/pretrain.sh, main_pretrain.py):
+# global batch 2048 = 128 per GPU x 16 GPUs (use --accum_iter so that GPUs x batch x accum = 2048), blr 1.5e-4,
+# 40 warm-up epochs, 600 epochs, AdamW (0.9, 0.95), wd 0.05; RandomResizedCrop(224, 0.2-1) + flip.
+PAPER_RECIPE = dict(epochs=600, batch_size=128, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05)
+# The built-in 32 px data on a 2-core CPU (our choice, sized for about ten minutes; see the README).
+CPU_RECIPE = dict(epochs=3, batch_size=128, blr=1.5e-3, warmup_epochs=0.5, weight_decay=0.05, log_every=10)
+CPU_MODELS = ("vit_micro", "vit_mini")
+
+
+def get_args(argv=None):
+    from common import engine
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="vit_mini")
+    model_name = pre.parse_known_args(argv)[0].model
+    parser = argparse.ArgumentParser(description="MixMIM / MixMAE pre-training of a plain ViT (see the docstring).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="vit_mini", help="ViT preset (common/vit.py); vit_micro / vit_mini are "
+                        "the CPU presets for 32 px images, vit_* the paper sizes with the official recipe")
+    engine.add_common_args(parser, **(CPU_RECIPE if model_name in CPU_MODELS else PAPER_RECIPE))
+    parser.add_argument("--img_size", type=int, default=None, help="training resolution (default: the preset's, "
+                        "32 for the CPU presets, 224 otherwise)")
+    parser.add_argument("--mask_ratio", type=float, default=0.5,
+                        help="fraction of mixing cells taken from the partner image (official 0.5)")
+    parser.add_argument("--mix_unit", type=int, default=2, help="side of a mixing cell in patches: 2 = the official "
+                        "32 px cell at patch 16; 1 = single patches")
+    parser.add_argument("--decoder", type=int, nargs=3, default=None, metavar=("DIM", "DEPTH", "HEADS"),
+                        help="decoder width, depth, heads (default: official 512 8 16; CPU presets smaller)")
+    parser.add_argument("--no_norm_pix_loss", action="store_true",
+                        help="regress raw (normalised-image) pixels instead of per-patch normalised ones")
+    parser.add_argument("--no_sort_groups", action="store_true", help="run the encoder on tokens in grid order "
+                        "instead of sorted by group (same math, slower group-masked attention)")
+    parser.add_argument("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+                        help="built-in data only: images per class in train and val (default 1000 200)")
+    parser.add_argument("--eval", default="knn,perblock", help="protocols of common.eval run at the end "
+                        "(knn, perblock, linear, lowshot, cluster, all, comma-separated), or 'none'")
+    args = parser.parse_args(argv)
+    if args.batch_size % 2:
+        raise SystemExit(f"--batch_size {args.batch_size} is odd: MixMIM pairs image i with image B-1-i, so the "
+                         "middle image would be mixed with itself; use an even batch size per process.")
+    if not 0 < args.mask_ratio < 1:
+        raise SystemExit(f"--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1 (official 0.5).")
+    if args.n_per_class and args.data not in (None, "builtin"):
+        raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def plot_reconstructions(model, imgs, path, mask_ratio=0.5, pairs=4, seed=0):
+    """imgs (B, 3, H, W) normalised, B even -> PNG with one row per pair (image i, partner B-1-i): the two
+    sources, the mixed input the encoder saw for image i, and both unmixed reconstructions. Norm-pix
+    predictions are put back in pixel units with each target patch's own mean and std (as MAE's demo)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from common.data import denormalize
+
+    model.eval()
+    p, grid = model.encoder.patch_size, model.encoder.grid_size
+    noise = torch.rand(model.num_cells, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
+    _, reconstruction, mask = model(imgs, mask_ratio, noise)
+    patches = patchify(imgs, p)
+    if model.norm_pix_loss:
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+        reconstruction = reconstruction * (var + 1e-6) ** 0.5 + mean
+    columns = {"image A": imgs, "image B (partner)": imgs.flip(0), "mixed input": unpatchify(mix(patches, mask), p, grid),
+               "A reconstructed": unpatchify(reconstruction, p, grid),
+               "B reconstructed": unpatchify(reconstruction, p, grid).flip(0)}
+    rows = min(pairs, len(imgs) // 2)
+    fig, axes = plt.subplots(rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False)
+    for col, (title, pictures) in enumerate(columns.items()):
+        pictures = denormalize(pictures.float()).permute(0, 2, 3, 1).cpu().numpy()
+        for row in range(rows):
+            axes[row, col].imshow(pictures[row])
+            axes[row, col].axis("off")
+        axes[0, col].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    from common import data, engine
+
+    args = get_args(argv)
+    dist = engine.setup(args)                                   # lr = blr x global batch / 256
+    overrides = {"img_size": args.img_size} if args.img_size else {}
+    model = create_mixmim(args.model, decoder=args.decoder, mix_unit=args.mix_unit,
+                          norm_pix_loss=not args.no_norm_pix_loss, sort_groups=not args.no_sort_groups,
+                          **overrides).to(dist.device)
+    img_size = model.encoder.img_size[0]
+    builtin = {"n_per_class": args.n_per_class[0]} if args.n_per_class else {}
+    train_set = data.build_dataset(args.data, "train", data.mae_transform(img_size, scale=(0.2, 1.0)),
+                                   seed=args.seed, **builtin)
+    loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
+                               seed=args.seed)
+    # timm add_weight_decay as in the official code: no decay for biases and 1-D parameters; mask_token decayed.
+    optimizer = torch.optim.AdamW(engine.param_groups(model.named_parameters(), args.weight_decay),
+                                  lr=args.lr, betas=(0.9, 0.95))
+    ddp_model = engine.wrap_ddp(model, dist)
+    trainer = engine.Trainer(args, ddp_model, optimizer, loader, dist, encoder=model.encoder)
+    if dist.is_main:
+        print(f"[mixmim] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+              f"{model.num_cells} mixing cells of {args.mix_unit}x{args.mix_unit} patches, "
+              f"{trainer.total_steps} steps", flush=True)
+    start = time.time()
+    for images, _, _ in trainer:
+        with trainer.autocast():
+            loss, _, _ = ddp_model(images, mask_ratio=args.mask_ratio)
+        trainer.step(loss)
+    trainer.finish()
+    train_s = time.time() - start
+
+    if dist.is_main:
+        val_set = data.build_dataset(args.data, "val", data.eval_transform(img_size),
+                                     **({"n_per_class": args.n_per_class[1]} if args.n_per_class else {}))
+        count = min(8, len(val_set)) // 2 * 2
+        if count >= 2:
+            imgs = torch.stack([val_set[i][0] for i in range(count)]).to(dist.device)
+            path = plot_reconstructions(model, imgs, os.path.join(args.output_dir, "reconstructions.png"),
+                                        args.mask_ratio)
+            print(f"[mixmim] trained in {train_s:.0f} s; pictures: {path}", flush=True)
+    if args.eval != "none":
+        from common.eval import evaluate
+        evaluate(model.encoder, args.data, img_size, protocols=args.eval, out_dir=args.output_dir, plots=True,
+                 n_per_class=tuple(args.n_per_class) if args.n_per_class else None, num_workers=args.num_workers,
+                 name=f"mixmim {args.model}", extra={"step": trainer.global_step, "train_s": round(train_s)})
+    engine.cleanup()
+
+
+if __name__ == "__main__":
+    main()
