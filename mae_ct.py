@@ -15,49 +15,137 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.vit import create_vit, vit_config
+from common import data, engine
+from common import eval as evaluation
+from common.vit import PRESETS as VIT_PRESETS, create_vit
 from kernels import nn_topk
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Distributed helpers: the predictions are gathered WITH gradient (the negatives of every anchor are the whole
-# global batch), the queue entries without.
+# Config. Recipes per model from ml-jku/MAE-CT yamls/stage2_maect*_prepare_head and
+# yamls/stage3_maect*_contrastive_tuning (reference notes 1.5). `batch` is the GLOBAL batch; --batch_size is per
+# process. vit_mini / vit_micro (the built-in 32 px data on a CPU) are our choice, as are vit_t / vit_s / vit_2b
+# (vit_l's recipe; the paper has no such runs).
 # ----------------------------------------------------------------------------------------------------------
-def _world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+PAPER = dict(init_epochs=20, init_temperature=0.15, blr=1e-4, head_blr=1e-4, encoder_ema=0.9999, queue_size=65536)
+RECIPES = {  # model: {aug: recipe of the tune stage}
+    "vit_b": {"rrc": dict(batch=1024, epochs=20, temperature=0.15, topk=20, target_momentum=0.99, pooling="mean"),
+              "byol": dict(batch=1024, epochs=80, temperature=0.15, topk=10, target_momentum=0.99, pooling="mean",
+                           head_blr=5e-4)},
+    "vit_l": {"rrc": dict(batch=1024, epochs=20, temperature=0.20, topk=20, target_momentum=0.99, pooling="cls"),
+              "byol": dict(batch=1024, epochs=40, temperature=0.15, topk=10, target_momentum=0.99, pooling="cls",
+                           head_blr=5e-4)},
+    "vit_h": {"rrc": dict(batch=512, epochs=30, temperature=0.30, topk=20, target_momentum=0.995, pooling="cls"),
+              "byol": dict(batch=512, epochs=40, temperature=0.35, topk=20, target_momentum=0.995, pooling="cls",
+                           head_blr=5e-4)},
+}
+for _name in ("vit_t", "vit_s", "vit_2b"):
+    RECIPES[_name] = RECIPES["vit_l"]
+# Built-in data on 2 CPU cores, ~10 minutes: a queue of 4096 (the data has 10k images, so 65536 would hold every
+# image ~6 times), 3 + 12 epochs, a 10x larger base LR than the paper's for the short schedule, EMA 0.999.
+_CPU = dict(batch=128, epochs=12, init_epochs=3, temperature=0.15, init_temperature=0.15, topk=20,
+            target_momentum=0.99, pooling="cls", blr=1e-3, head_blr=1e-3, encoder_ema=0.999, queue_size=4096)
+RECIPES["vit_mini"] = RECIPES["vit_micro"] = {"rrc": _CPU, "byol": _CPU}
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    """(B, ...) on every rank -> (world*B, ...) in rank order. Backward: the gradients of the gathered tensor are
-    summed over ranks and each rank keeps its own rows, so d(sum of every rank's loss)/d(its rows) arrives
-    (ml-jku/MAE-CT: distributed/gather.py all_gather_grad)."""
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description="MAE-CT: NNCLR contrastive tuning of a pre-trained MAE encoder.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--model", default="vit_mini", choices=sorted(RECIPES), help="ViT preset; picks the recipe (RECIPES)")
+    add("--ckpt", default=None, help="pre-trained encoder: a mae.py run's checkpoint, an official MAE file "
+        "(mae_pretrain_vit_large.pth), any format common/checkpoints.py reads, or for --stage tune an init-stage "
+        "checkpoint of this script (encoder + head); default runs/mae/checkpoint-last.pth; 'none' = random "
+        "encoder (smoke tests only)")
+    add("--stage", default="both", choices=["both", "init", "tune"],
+        help="init = head on the frozen encoder; tune = contrastive tuning of the upper blocks; both = init then tune")
+    add("--aug", default="rrc", choices=["rrc", "byol"],
+        help="rrc = MAE-CT (RandomResizedCrop(0.08-1) + flip); byol = MAE-CT_aug (BYOL colour/blur/solarize views)")
+    add("--init_epochs", type=int, default=None, help="epochs of the init stage (paper 20)")
+    add("--init_temperature", type=float, default=None, help="softmax temperature of the init stage (paper 0.15)")
+    add("--temperature", type=float, default=None, help="softmax temperature of the tune stage (recipe)")
+    add("--topk", type=int, default=None, help="tune stage: the neighbour is drawn uniformly from the top-k "
+        "(the init stage always takes the nearest)")
+    add("--target_momentum", type=float, default=None, help="EMA momentum of the target projector (tune stage)")
+    add("--head_blr", type=float, default=None, help="head base LR: lr = head_blr x 2 x global batch / 256")
+    add("--head_weight_decay", type=float, default=1e-5, help="AdamW weight decay of the projector and predictor")
+    add("--layer_decay", type=float, default=0.65, help="layer-wise LR decay of the encoder (tune stage)")
+    add("--frozen_blocks", type=int, default=None, help="tune stage: blocks frozen from the bottom, with the stem "
+        "(default: half of the depth)")
+    add("--warmup_percent", type=float, default=20.0, help="linear LR warm-up over this share of each stage's "
+        "steps, then cosine to 0 (unless --warmup_epochs is given)")
+    add("--pooling", default=None, choices=["cls", "mean"], help="head input after the final norm: CLS token or "
+        "mean of the patch tokens (recipe: mean for vit_b, cls otherwise)")
+    add("--queue_size", type=int, default=None, help="entries of the neighbour queue (paper 65536)")
+    add("--proj_hidden", type=int, default=2048, help="projector hidden width")
+    add("--pred_hidden", type=int, default=4096, help="predictor hidden width")
+    add("--out_dim", type=int, default=256, help="projection / queue dimension")
+    add("--encoder_ema", type=float, default=None, help="decay of the encoder EMA saved as encoder_ema during "
+        "the tune stage (0 = none)")
+    add("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+        help="built-in data only: images per class of the train and val splits (default 1000 200)")
+    add("--eval_batch_size", type=int, default=256, help="batch size of the k-NN feature extraction")
+    engine.add_common_args(parser, epochs=None, batch_size=None, blr=None, weight_decay=0.05, warmup_epochs=None)
+    args = parser.parse_args(argv)
 
-    @staticmethod
-    def forward(ctx, x):
-        rank, world = _world()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def all_gather_with_grad(x):
-    return _AllGatherWithGrad.apply(x) if _world()[1] > 1 else x
+    recipe = dict(PAPER, **RECIPES[args.model][args.aug])
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size is None:                   # keep the recipe's global batch on any number of processes
+        args.batch_size = max(1, recipe["batch"] // world)
+    if args.frozen_blocks is None:                # the lower half of the blocks (0-5 of B, 0-11 of L, 0-15 of H)
+        args.frozen_blocks = VIT_PRESETS[args.model][1] // 2
+    if args.accum_iter != 1:
+        raise SystemExit(f"--accum_iter {args.accum_iter}: MAE-CT's head has BatchNorm, so gradient accumulation "
+                         "would change the statistics; use --accum_iter 1 and a batch that fits.")
+    return args
 
 
-@torch.no_grad()
-def all_gather_no_grad(x):
-    if _world()[1] == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(_world()[1])]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class CPUSyncBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics come from the global batch of all processes, through
+    differentiable all-reduces (their backward sums the gradients over ranks): SyncBatchNorm for gloo/CPU runs,
+    where torch's SyncBatchNorm refuses CPU tensors. CUDA runs use torch's SyncBatchNorm."""
+
+    def forward(self, x):                                          # x (B, C)
+        if not (self.training and _world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        count = torch.tensor([float(len(x))], device=x.device)
+        dist.all_reduce(count)
+        mean = all_reduce(x.sum(dim=0)) / count
+        var = all_reduce(((x - mean) ** 2).sum(dim=0)) / count     # biased, as BatchNorm normalises with
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)   # unbiased for the running stat
+            self.num_batches_tracked.add_(1)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def sync_batchnorm(module, device):
+    """Every BatchNorm1d -> a synchronised one when several processes run (ml-jku/MAE-CT wraps DDP with
+    sync_batchnorm=True): torch's SyncBatchNorm on CUDA, CPUSyncBatchNorm on CPU."""
+    if _world_size() == 1:
+        return module
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            synced = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine).to(device)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child, device)
+    return module
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,10 +173,9 @@ def nnclr_loss(predicted, nn, temperature):
     with gradient), anchor i of rank r has the loss  -log softmax_k(nn_i · p̂_k / τ)  at its own column
     k = r * B + i; returns the mean over this rank's anchors. Computed in fp32.
     """
-    rank, _ = _world()
-    predicted_all = all_gather_with_grad(F.normalize(predicted.float(), dim=1))   # (N, C)
+    predicted_all = engine.all_gather_grad(F.normalize(predicted.float(), dim=1))   # (N, C)
     logits = nn.float() @ predicted_all.T / temperature                           # (B, N)
-    own_column = torch.arange(len(nn), device=nn.device) + rank * len(nn)
+    own_column = torch.arange(len(nn), device=nn.device) + _rank() * len(nn)
     return F.cross_entropy(logits, own_column)
 
 
@@ -182,7 +269,7 @@ class MAECT(nn.Module):
     def enqueue(self, z_normed, ids, labels):
         """FIFO write of every rank's (B, C) view-0 projections with their ids and labels at queue_ptr, wrapping
         around; every rank writes the same gathered rows, so the queues stay identical."""
-        z_normed, ids, labels = (all_gather_no_grad(t) for t in (z_normed.float(), ids, labels))
+        z_normed, ids, labels = (engine.all_gather(t) for t in (z_normed.float(), ids, labels))
         slots = (self.queue_ptr + torch.arange(len(ids), device=ids.device)) % len(self.queue)
         self.queue[slots], self.queue_ids[slots], self.queue_labels[slots] = z_normed, ids, labels
         self.queue_ptr.copy_((self.queue_ptr + len(ids)) % len(self.queue))
@@ -210,3 +297,147 @@ def training_step(model, views, ids, labels, temperature, topk):
     nn_accuracy = 0.5 * sum((nn_labels == labels).float().mean() for _, nn_labels in neighbours)
     core.enqueue(normed[0], ids, labels)
     return loss, nn_accuracy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main: load the MAE encoder, k-NN before, init stage, tune stage, k-NN after
+# ----------------------------------------------------------------------------------------------------------
+STAGE_CHECKPOINT = os.path.join("{run}", "{stage}", engine.LAST_CHECKPOINT)
+
+
+def load_start_weights(args, model):
+    """--ckpt into the model: the encoder from any supported file, or encoder + head from an init-stage run."""
+    path = args.ckpt
+    if path is None:
+        path = os.path.join("runs", "mae", engine.LAST_CHECKPOINT)
+        if not os.path.isfile(path):
+            raise SystemExit(f"no --ckpt given and {path} does not exist; run `python mae.py` first, pass "
+                             "--ckpt PATH (e.g. mae_pretrain_vit_large.pth), or --ckpt none for a random encoder.")
+    if path == "none":
+        print("[mae_ct] warning: --ckpt none starts from a RANDOM encoder; use it for smoke tests only")
+        return
+    from common.checkpoints import load_pretrained, read_file
+    obj = read_file(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "projector.0.weight" in obj["model"]:
+        model.load_state_dict(obj["model"])           # an init-stage checkpoint of this script: encoder + head
+        print(f"[mae_ct] encoder, head and queue from {path}")
+        return
+    info = load_pretrained(model.encoder, path, obj=obj)
+    print(f"[mae_ct] encoder from {path} ({info['format']}, {info['loaded']} tensors)")
+    if args.stage == "tune":
+        print("[mae_ct] warning: --stage tune with an encoder-only --ckpt: the head starts random "
+              "(the paper trains it in the init stage first)")
+
+
+def resume_plan(args, stages):
+    """{stage: resume argument} for the stages to run: with --resume auto, a stage resumes from its own run
+    directory; an explicit file resumes the stage that wrote it and skips the stages before."""
+    if args.resume is None:
+        return {stage: None for stage in stages}
+    if args.resume == "auto":
+        plan = {stage: "auto" for stage in stages}
+        if "tune" in plan and os.path.isfile(STAGE_CHECKPOINT.format(run=args.output_dir, stage="tune")):
+            plan.pop("init", None)                      # the tune checkpoint holds everything init produced
+        return plan
+    if not os.path.isfile(args.resume):
+        raise SystemExit(f"--resume {args.resume!r} does not exist; give a checkpoint file or 'auto'.")
+    stage = torch.load(args.resume, map_location="cpu", weights_only=True).get("args", {}).get("run_stage")
+    if stage not in stages:
+        raise SystemExit(f"--resume {args.resume!r} was not written by a {'/'.join(stages)} stage of mae_ct.py; "
+                         "resume with the --stage that wrote it, or use --ckpt to start from its weights.")
+    return {s: args.resume if s == stage else None for s in stages[stages.index(stage):]}
+
+
+def run_stage(stage, args, dist, model, loader, resume):
+    """Train one stage with its own optimizer, schedule and run directory OUTPUT_DIR/<stage>."""
+    tuning = stage == "tune"
+    stage_args = argparse.Namespace(**vars(args))
+    stage_args.run_stage, stage_args.resume = stage, resume
+    stage_args.output_dir = os.path.join(args.output_dir, stage)
+    stage_args.epochs = args.epochs if tuning else args.init_epochs
+    if args.warmup_epochs is None:
+        stage_args.warmup_epochs = args.warmup_percent / 100 * stage_args.epochs
+    global_batch = args.batch_size * dist.world_size
+    head_lr = engine.scaled_lr(args.head_blr, global_batch, factor=2)   # both views count (reference 1.5)
+    stage_args.lr = args.lr if tuning else head_lr                      # args.lr: the encoder's, from --blr
+    temperature, topk = (args.temperature, args.topk) if tuning else (args.init_temperature, 1)
+
+    model.set_stage(stage, args.frozen_blocks)
+    if tuning:    # the target projector starts as the trained online projector (a resume overwrites it)
+        model.target_projector.load_state_dict(model.projector.state_dict())
+    groups = []
+    if tuning:    # BEiT-style LLRD: block i x 0.65^(depth - i), stem x 0.65^(depth + 1), final norm x 1
+        groups += engine.param_groups(model.encoder.named_parameters(), args.weight_decay,
+                                      layer_decay=args.layer_decay, depth=model.encoder.depth)
+    heads = [(n, p) for n, p in model.named_parameters() if n.startswith(("projector.", "predictor."))]
+    groups += engine.param_groups(heads, args.head_weight_decay, lr_scale=head_lr / stage_args.lr)
+    optimizer = torch.optim.AdamW(groups, lr=stage_args.lr, betas=(0.9, 0.95))
+    # No buffer broadcast: the queue (64 MB at paper size) and the synchronised BN statistics are equal on every
+    # rank by construction. DDP is rebuilt per stage because the set of trainable parameters changes.
+    ddp_model = model if dist.world_size == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+    encoder_ema = engine.EMA(model.encoder, args.encoder_ema) if tuning and args.encoder_ema > 0 else None
+    trainer = engine.Trainer(stage_args, ddp_model, optimizer, loader, dist, encoder=model.encoder,
+                             encoder_ema=encoder_ema)
+    if dist.is_main:
+        print(f"[mae_ct] stage {stage}: {stage_args.epochs} epochs, global batch {global_batch}, lr encoder "
+              f"{stage_args.lr if tuning else 0:.3g} head {head_lr:.3g}, tau {temperature}, top-{topk}, "
+              f"frozen blocks {model.frozen_blocks}/{model.encoder.depth}")
+    for views, labels, ids in trainer:
+        with trainer.autocast():
+            loss, nn_accuracy = training_step(ddp_model, views, ids, labels, temperature, topk)
+        if trainer.step(loss, nn_accuracy=nn_accuracy) and tuning:
+            model.update_target(args.target_momentum)
+            if encoder_ema is not None:
+                encoder_ema.update(model.encoder)
+    trainer.finish()
+    return trainer
+
+
+def main(argv=None):
+    args = get_args(argv)
+    dist = engine.setup(args, lr_factor=2)          # args.lr = blr x 2 x global batch / 256 (encoder, tune)
+    stages = ["init", "tune"] if args.stage == "both" else [args.stage]
+    vit = create_vit(args.model)
+    model = MAECT(vit, args.pooling, args.proj_hidden, args.pred_hidden, args.out_dim, args.queue_size)
+    load_start_weights(args, model)
+    model = sync_batchnorm(model.to(dist.device), dist.device)
+    global_batch = args.batch_size * dist.world_size
+    if args.queue_size < global_batch:
+        raise SystemExit(f"--queue_size {args.queue_size} is smaller than the global batch {global_batch}; "
+                         "raise it (the paper uses 65536).")
+
+    img_size = vit.img_size[0]
+    transform = data.byol_views(img_size) if args.aug == "byol" else data.TwoViews(data.maect_transform(img_size))
+    builtin = {"n_per_class": args.n_per_class[0]} if args.n_per_class else {}
+    train_set = data.build_dataset(args.data, "train", transform, seed=args.seed, **builtin)
+    loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
+                               seed=args.seed)
+    eval_loaders = evaluation.build_eval_loaders(args.data, img_size, args.eval_batch_size, args.num_workers,
+                                                 args.n_per_class)
+    labelled = getattr(train_set, "labelled", False)
+
+    def knn(name):   # k-NN of the final-norm features (the head's pooling) and of every block's CLS token
+        if not labelled:
+            return None
+        return evaluation.evaluate(vit, args.data, img_size, ("knn", "perblock"), out_dir=args.output_dir,
+                                   tokens=args.pooling, name=name, loaders=eval_loaders, pixel_baseline=True)
+
+    before = knn("MAE (before)")
+    for stage, resume in resume_plan(args, stages).items():
+        trainer = run_stage(stage, args, dist, model, loader, resume)
+    after = knn("MAE-CT (after)")
+    if dist.is_main and before and after:
+        from common import plots
+        baseline = after.get("pixels_knn", {}).get("10")
+        path = plots.plot_per_block({before["name"]: before["perblock"], after["name"]: after["perblock"]},
+                                    os.path.join(args.output_dir, "knn_per_block.png"), baseline=baseline)
+        summary = {"knn_before": before["knn"], "knn_after": after["knn"], "pixels_knn": after.get("pixels_knn"),
+                   "perblock_before": before["perblock"], "perblock_after": after["perblock"]}
+        trainer.logger.log(trainer.global_step, trainer.epoch, **summary)     # the last stage's log.jsonl
+        print(f"[mae_ct] k-NN (k=10) {before['knn']['10']:.2f} -> {after['knn']['10']:.2f}; per-block plot {path}")
+    engine.cleanup()
+
+
+if __name__ == "__main__":
+    main()
