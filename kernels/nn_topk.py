@@ -172,7 +172,7 @@ if triton is not None:
         DOT_DTYPE: tl.constexpr,  # dtype both tiles are cast to before tl.dot
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 tiles ("ieee" or "tf32")
         EXTRACT_MAX: tl.constexpr,  # top-k: use max-extraction when <= this many new values per row
-        USE_TOPK: tl.constexpr,  # top-k: tl.topk available (else extraction only)
+        USE_TOPK: tl.constexpr,  # top-k: tl.topk available and BLOCK_Q >= KP (else extraction only)
         BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
     ):
         pid_b = tl.program_id(0)  # query tile
@@ -302,8 +302,8 @@ def _nn_topk_triton(queries, queue, k, query_ids, queue_ids, queue_inv, debug_po
         raise TypeError(f"nn_topk: unknown kernel option(s) {sorted(unknown)}; known: {sorted(cfg)}.")
     cfg.update({name: value for name, value in config.items() if value is not None})
     block_q = cfg["block_q"]
-    if k > 1 and block_q < triton.next_power_of_2(k):
-        raise ValueError(f"nn_topk: block_q={block_q} must be >= next_pow2(k)={triton.next_power_of_2(k)}.")
+    # tl.topk (Triton >= 3.4) needs a tile at least KP wide; otherwise every merge is by extraction.
+    use_topk = hasattr(tl, "topk") and block_q >= triton.next_power_of_2(k)
     q_tiles = triton.cdiv(Q, block_q)
     tiles_per_split = triton.cdiv(q_tiles, max(1, min(cfg["num_splits"], q_tiles)))
     num_splits = triton.cdiv(q_tiles, tiles_per_split)  # no empty split
@@ -333,7 +333,7 @@ def _nn_topk_triton(queries, queue, k, query_ids, queue_ids, queue_inv, debug_po
         part_values, part_indices,
         B, Q, D, tiles_per_split,
         K=k, KP=triton.next_power_of_2(k), HAS_IDS=has_ids, DOT_DTYPE=_tl_dtype(dot_dtype),
-        PRECISION="tf32" if tf32 else "ieee", EXTRACT_MAX=cfg["extract_max"], USE_TOPK=hasattr(tl, "topk"),
+        PRECISION="tf32" if tf32 else "ieee", EXTRACT_MAX=cfg["extract_max"], USE_TOPK=use_topk,
         BLOCK_B=cfg["block_b"], BLOCK_Q=block_q, BLOCK_D=cfg["block_d"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
