@@ -123,6 +123,25 @@ def _default_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def _collect(loader, featurize):
+    """Run featurize(images) -> {key: (B, F)} over a loader. Returns ({key: (N, F) float32 CPU}, labels (N,)
+    int64, -1 where unlabelled); with a ShardSampler under torch.distributed, all N rows on every rank."""
+    chunks, labels = [], []
+    for batch in loader:
+        images, batch_labels = split_batch(batch)
+        chunks.append({key: value.float().cpu() for key, value in featurize(images).items()})
+        labels.append(torch.full((len(images),), -1, dtype=torch.long) if batch_labels is None
+                      else torch.as_tensor(batch_labels).long().reshape(-1))
+    features = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+    labels = torch.cat(labels)
+    if isinstance(getattr(loader, "sampler", None), ShardSampler) and dist.is_initialized():
+        total = len(loader.dataset)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        features = {key: _gather_shards(value, total, device) for key, value in features.items()}
+        labels = _gather_shards(labels, total, device)
+    return features, labels
+
+
 @torch.no_grad()
 def extract_features(vit, loader, tokens=("cls",), blocks=None, final_norm=True, device=None, dtype=None,
                      per_block=False):
@@ -132,7 +151,7 @@ def extract_features(vit, loader, tokens=("cls",), blocks=None, final_norm=True,
     blocks=None: the final output, after the final LayerNorm (final_norm=True) or the last block's raw
     output (final_norm=False, MIM-Refiner's k-NN protocol). blocks=[i, ...]: raw outputs of those blocks
     (negative indices count from the end), pooled and concatenated, or a dict {block: features} if per_block.
-    dtype: autocast dtype (default bf16 on CUDA, fp32 on CPU).
+    dtype: autocast dtype (default bf16 on CUDA, fp32 on CPU). vit may be wrapped (DDP, torch.compile).
     Returns (features (N, F) float32 on CPU, labels (N,) int64 on CPU, -1 where the data has no labels).
     With a ShardSampler loader under torch.distributed, every rank returns all N rows in dataset order.
     """
@@ -143,34 +162,23 @@ def extract_features(vit, loader, tokens=("cls",), blocks=None, final_norm=True,
     block_ids = None if blocks is None else [b % model.depth for b in blocks]
     if block_ids is None and not final_norm:
         block_ids = [model.depth - 1]
+
+    def featurize(images):
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if block_ids is None:
+                outputs = {"final": model.forward_features(images)}
+            else:
+                outputs = model.forward_intermediates(images, block_ids)[1]
+        return {key: pool_tokens(out, parts) for key, out in outputs.items()}
+
     was_training = model.training
     model.eval()
-    chunks, labels = [], []
     try:
-        for batch in loader:
-            images, batch_labels = split_batch(batch)
-            images = images.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                if block_ids is None:
-                    outputs = {"final": model.forward_features(images)}
-                else:
-                    _, outputs = model.forward_intermediates(images, block_ids)
-            pooled = {key: pool_tokens(out, parts).float() for key, out in outputs.items()}
-            chunks.append(pooled)
-            labels.append(torch.full((len(images),), -1, dtype=torch.long) if batch_labels is None
-                          else torch.as_tensor(batch_labels).long().reshape(-1))
+        features, labels = _collect(loader, featurize)
     finally:
         model.train(was_training)
     keys = ["final"] if block_ids is None else block_ids
-    features = {key: torch.cat([c[key] for c in chunks]) for key in keys}
-    labels = torch.cat(labels)
-    if isinstance(getattr(loader, "sampler", None), ShardSampler) and dist.is_initialized():
-        total = len(loader.dataset)
-        gather_device = device if dist.get_backend() != "gloo" else torch.device("cpu")
-        features = {key: _gather_shards(value, total, gather_device) for key, value in features.items()}
-        labels = _gather_shards(labels, total, gather_device)
-    features = {key: value.cpu() for key, value in features.items()}
-    labels = labels.cpu()
     if per_block:
         return features, labels
     return torch.cat([features[key] for key in keys], dim=1), labels
@@ -179,18 +187,16 @@ def extract_features(vit, loader, tokens=("cls",), blocks=None, final_norm=True,
 def pixel_features(loader, max_side=32):
     """Raw-pixel features for scale: eval-transformed images, average-pooled to at most max_side^2 pixels so
     that large images stay affordable (exact pixels for the built-in 32 px data). -> ((N, 3*h*w), labels)."""
-    chunks, labels = [], []
-    for batch in loader:
-        images, batch_labels = split_batch(batch)
+    def featurize(images):
         images = images.float()
         if max(images.shape[-2:]) > max_side:
             scale = max_side / max(images.shape[-2:])
             size = (max(1, round(images.shape[-2] * scale)), max(1, round(images.shape[-1] * scale)))
             images = F.adaptive_avg_pool2d(images, size)
-        chunks.append(images.flatten(1))
-        labels.append(torch.full((len(images),), -1, dtype=torch.long) if batch_labels is None
-                      else torch.as_tensor(batch_labels).long().reshape(-1))
-    return torch.cat(chunks), torch.cat(labels)
+        return {"pixels": images.flatten(1)}
+
+    features, labels = _collect(loader, featurize)
+    return features["pixels"], labels
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,35 +301,36 @@ def linear_probe(train_x, train_y, test_x, test_y, base_lrs=PROBE_BASE_LRS, epoc
     lrs = torch.tensor([lr * batch / 256 for lr in base_lrs], device=device)
 
     norm = torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6).to(device)
-    weight = torch.empty(num_heads, dim, num_classes)
+    weight = torch.empty(num_heads, dim, num_classes)                      # head h: Linear weight^T (F, C)
     torch.nn.init.trunc_normal_(weight, std=0.01, generator=generator)  # timm: a=-2, b=2
-    weight = weight.to(device).requires_grad_()
-    bias = torch.zeros(num_heads, 1, num_classes, device=device, requires_grad=True)
+    weight = weight.permute(1, 0, 2).contiguous().to(device).requires_grad_()   # (F, heads, C)
+    bias = torch.zeros(num_heads, num_classes, device=device, requires_grad=True)
     buffers = [torch.zeros_like(weight), torch.zeros_like(bias)]
+    lr_shapes = [(1, num_heads, 1), (num_heads, 1)]
 
-    def logits_of(x):                                                 # x (B, F) -> (heads, B, C)
-        return torch.baddbmm(bias, norm(x).unsqueeze(0).expand(num_heads, -1, -1), weight)
+    def logits_of(x):                                                 # x (B, F) -> (B, heads, C), one matmul
+        return (norm(x) @ weight.reshape(dim, -1)).view(len(x), num_heads, num_classes) + bias
 
     step = 0
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=generator).to(device)
         for i in range(steps_per_epoch):
             idx = order[i * batch:(i + 1) * batch]
-            logits = logits_of(train_x[idx])
+            logits = logits_of(train_x[idx]).transpose(1, 2)               # (B, C, heads)
             # Sum over heads: each head's gradient is that of its own mean cross-entropy.
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].repeat(num_heads),
-                                   reduction="sum") / len(idx)
+            targets = train_y[idx].unsqueeze(1).expand(-1, num_heads)
+            loss = F.cross_entropy(logits, targets, reduction="sum") / len(idx)
             grads = torch.autograd.grad(loss, (weight, bias))
             step_lrs = lrs * cosine_lr_factor(step, total_steps, warmup_steps)
             with torch.no_grad():
-                for param, grad, buf in zip((weight, bias), grads, buffers):
+                for param, grad, buf, shape in zip((weight, bias), grads, buffers, lr_shapes):
                     grad = grad + weight_decay * param if weight_decay else grad
                     buf.mul_(momentum).add_(grad)                           # torch.optim.SGD's momentum rule
-                    param.sub_(step_lrs.view(-1, 1, 1) * buf)
+                    param.sub_(step_lrs.view(shape) * buf)
             step += 1
     norm.eval()
     with torch.no_grad():
-        correct = (logits_of(test_x).argmax(dim=2) == test_y.unsqueeze(0)).float().mean(dim=1) * 100
+        correct = (logits_of(test_x).argmax(dim=2) == test_y.unsqueeze(1)).float().mean(dim=0) * 100
     grid = {lr: acc for lr, acc in zip(base_lrs, correct.tolist())}
     best_lr = max(grid, key=grid.get)
     return {"best": grid[best_lr], "best_lr": best_lr, "grid": grid}
@@ -407,3 +414,346 @@ def cluster(x, y, num_clusters=None, seed=0, n_init=10):
     return {"acc": clustering_accuracy(y, assignments),
             "nmi": 100.0 * normalized_mutual_info_score(y, assignments),
             "ari": 100.0 * adjusted_rand_score(y, assignments)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver: what the training scripts call at the end, and what the CLI runs per checkpoint
+# ----------------------------------------------------------------------------------------------------------
+PROTOCOLS = ("knn", "perblock", "linear", "lowshot", "cluster")
+
+
+def _is_main():
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def parse_protocols(protocols):
+    """'knn', 'all', 'knn,linear' or a list of those -> tuple of protocol names in PROTOCOLS order."""
+    names = protocols.split(",") if isinstance(protocols, str) else list(protocols)
+    names = [n.strip() for n in names if n.strip()]
+    if "all" in names:
+        return PROTOCOLS
+    bad = [n for n in names if n not in PROTOCOLS]
+    if bad or not names:
+        raise ValueError(f"evaluation protocol {bad[0] if bad else protocols!r} is not one of "
+                         f"{', '.join(PROTOCOLS + ('all',))}; pick from those.")
+    return tuple(p for p in PROTOCOLS if p in names)
+
+
+def default_img_size(data):
+    """Evaluation resolution when none is given: the built-in data and CIFAR-10 are 32 px, STL-10 96 px."""
+    return {None: 32, "builtin": 32, "cifar10": 32, "stl10": 96}.get(data, 224)
+
+
+def build_eval_loaders(data, img_size, batch_size=256, num_workers=4, n_per_class=None):
+    """Train and val splits of `data` with the eval transform (resize + centre crop, common/data.py), in
+    dataset order, sharded across ranks when distributed. n_per_class: (train, val) images per class of the
+    built-in data (default: the dataset's own). Returns (train_loader, val_loader)."""
+    from common import data as data_lib
+
+    loaders = []
+    for i, split in enumerate(("train", "val")):
+        extra = {"n_per_class": n_per_class[i]} if n_per_class else {}
+        dataset = data_lib.build_dataset(data, split, data_lib.eval_transform(img_size), **extra)
+        loaders.append(eval_loader(dataset, batch_size, num_workers))
+    return tuple(loaders)
+
+
+def _cached(cache_path, key, compute, log):
+    """compute() -> dict of tensors, stored at cache_path (atomic write) and reused while `key` matches."""
+    if cache_path and os.path.isfile(cache_path):
+        stored = torch.load(cache_path, map_location="cpu", weights_only=False)
+        if stored.get("key") == key:
+            log(f"features from cache {cache_path}")
+            return stored["features"]
+    features = compute()
+    if cache_path and _is_main():
+        from common.checkpoints import save_checkpoint
+
+        save_checkpoint(cache_path, {"key": key, "features": features})
+    return features
+
+
+def cache_file(cache_dir, key):
+    """cache_dir/features_<hash of key>.pt; the key (a JSON-able dict) says what the features depend on."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"features_{digest}.pt")
+
+
+def run_protocols(features, protocols, standardize=False, probe_epochs=50, shots=(1, 2, 5), lowshot_splits=3,
+                  kmeans_n_init=10, seed=0, log=print):
+    """features {'train_x','train_y','test_x','test_y'} -> {protocol: result} for knn / linear / lowshot /
+    cluster (perblock needs the model and is handled by evaluate). Heavy math runs on CUDA when present."""
+    train_x, train_y, test_x, test_y = (features[k] for k in ("train_x", "train_y", "test_x", "test_y"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for protocol in protocols:
+        start = time.time()
+        if protocol == "knn":
+            results["knn"] = knn_accuracy(train_x, train_y, test_x, test_y, standardize=standardize, device=device)
+        elif protocol == "linear":
+            results["linear"] = linear_probe(train_x, train_y, test_x, test_y, epochs=probe_epochs, seed=seed,
+                                             device=device)
+        elif protocol == "lowshot":
+            results["lowshot"] = lowshot(train_x, train_y, test_x, test_y, shots, lowshot_splits, seed)
+        elif protocol == "cluster":
+            results["cluster"] = cluster(test_x, test_y, seed=seed, n_init=kmeans_n_init)
+        else:
+            continue
+        log(f"  {protocol}: {time.time() - start:.1f} s")
+    return results
+
+
+def format_table(title, results, pixels=None):
+    """A short text table of one evaluation (results as returned by evaluate)."""
+    lines = [title]
+
+    def row(name, text, extra=""):
+        lines.append(f"  {name:<30s}{text:<24s}{extra}")
+
+    if "knn" in results:
+        ks = sorted(results["knn"], key=int)
+        base = ""
+        if pixels and "knn" in pixels:
+            base = "(raw pixels " + " / ".join(f"{pixels['knn'][k]:.2f}" for k in ks) + ")"
+        row("k-NN k=" + " / ".join(map(str, ks)), " / ".join(f"{results['knn'][k]:.2f}" for k in ks), base)
+    if "perblock" in results:
+        accs = results["perblock"]
+        best = int(np.argmax(accs))
+        row("per-block k-NN (k=10)", " ".join(f"{a:.1f}" for a in accs), f"best {accs[best]:.2f} at block {best + 1}")
+    if "linear" in results:
+        lin = results["linear"]
+        row("linear probe", f"{lin['best']:.2f}", f"(base lr {lin['best_lr']:g}, best of {len(lin['grid'])})")
+    if "lowshot" in results:
+        shots = sorted(results["lowshot"], key=int)
+        row("low-shot " + "/".join(f"{s}" for s in shots) + " per class",
+            " / ".join(f"{results['lowshot'][s]['mean']:.1f}±{results['lowshot'][s]['std']:.1f}" for s in shots))
+    if "cluster" in results:
+        c = results["cluster"]
+        row("clustering ACC / NMI / ARI", f"{c['acc']:.1f} / {c['nmi']:.1f} / {c['ari']:.1f}")
+    return "\n".join(lines)
+
+
+def append_jsonl(path, record):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+
+
+def evaluate(vit, data, img_size, protocols=("knn",), out_dir=None, tokens="cls", final_norm=True, blocks=None,
+             standardize=False, batch_size=256, num_workers=4, device=None, dtype=None, name=None,
+             pixel_baseline=True, plots=False, n_per_class=None, cache_dir=None, cache_key=None, extra=None,
+             log=print, loaders=None, **protocol_options):
+    """Evaluate a (possibly DDP-wrapped) ViT, or raw pixels with vit=None, on the train/val splits of `data`.
+
+    data: as common.data.build_dataset ('builtin' / None, 'cifar10', 'stl10', a folder); img_size: eval
+    resolution; n_per_class: (train, val) sizes of the built-in data. protocols: names from PROTOCOLS or 'all'. Features are extracted once (bf16 on CUDA) and,
+    with cache_dir and cache_key (a JSON-able value naming the weights, e.g. path + mtime + size), cached on
+    disk for the next call. Prints a short table, with the raw-pixel k-NN on the same data for scale
+    (pixel_baseline), appends the record as a JSON line to out_dir/eval.jsonl and, with plots=True, writes
+    out_dir/{knn_per_block,embedding,attention}.png. Every rank extracts its shard of the data; the protocols
+    run on rank 0, which returns the record {name, options, sizes, protocol: result, ...}; other ranks return
+    None. loaders: optional (train, val) eval loaders to use instead of building them from `data`.
+    protocol_options: probe_epochs, shots, lowshot_splits, kmeans_n_init, seed (see run_protocols).
+    """
+    protocols = parse_protocols(protocols)
+    if vit is None:                                    # raw pixels: no tokens, no blocks
+        protocols = tuple(p for p in protocols if p != "perblock")
+    train_loader, val_loader = loaders or build_eval_loaders(data, img_size, batch_size, num_workers, n_per_class)
+    if getattr(train_loader.dataset, "labelled", True) is False:
+        raise SystemExit(f"--data {data!r} has no labels, so it cannot be evaluated; evaluate on a labelled "
+                         "dataset (train/<class>/ and val/<class>/ folders, cifar10, stl10 or the built-in data).")
+    parts = parse_tokens(tokens)
+    options = (dict(tokens="pixels", final_norm=None, blocks=None) if vit is None else
+               dict(tokens="+".join(parts), final_norm=final_norm, blocks=list(blocks) if blocks else None))
+    data_key = dict(data=os.path.abspath(data) if data and os.path.isdir(str(data)) else (data or "builtin"),
+                    img_size=img_size, n_per_class=list(n_per_class) if n_per_class else None)
+
+    def extract(loader):
+        if vit is None:
+            return pixel_features(loader)
+        return extract_features(vit, loader, parts, blocks, final_norm, device, dtype)
+
+    def extract_both():
+        (train_x, train_y), (test_x, test_y) = extract(train_loader), extract(val_loader)
+        return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+    def pixels_both():
+        (train_x, train_y), (test_x, test_y) = pixel_features(train_loader), pixel_features(val_loader)
+        return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+
+    start = time.time()
+    key = dict(weights="pixels" if vit is None else cache_key, **options, **data_key)
+    use_cache = cache_dir is not None and (vit is None or cache_key is not None)
+    features = _cached(cache_file(cache_dir, key) if use_cache else None, key, extract_both, log)
+    pixel_feats = None
+    if pixel_baseline and vit is not None and "knn" in protocols:
+        pixel_key = dict(weights="pixels", **data_key)
+        pixel_feats = _cached(cache_file(cache_dir, pixel_key) if cache_dir else None, pixel_key, pixels_both, log)
+    perblock = None
+    if vit is not None and ("perblock" in protocols or plots):
+        perblock = per_block_knn(vit, train_loader, val_loader, tokens=parts, standardize=standardize,
+                                 device=device, dtype=dtype)
+    extraction_s = time.time() - start
+    if not _is_main():
+        return None
+
+    results = run_protocols(features, protocols, standardize, log=log, **protocol_options)
+    if perblock is not None:                          # computed for "perblock" or for the plot
+        results["perblock"] = perblock
+    pixels = run_protocols(pixel_feats, ("knn",), standardize, log=lambda *_: None) if pixel_feats else None
+    name = name or ("raw pixels" if vit is None else "model")
+    train_y = features["train_y"]
+    title = (f"{name} on {data or 'builtin'} ({len(train_y)} train / {len(features['test_y'])} val images, "
+             f"{int(train_y.max()) + 1} classes, {img_size} px): ")
+    if vit is None:
+        title += "raw pixels" + (", standardised" if standardize else "")
+    else:
+        title += (f"token {options['tokens']}, " + (f"raw outputs of blocks {options['blocks']}" if blocks else
+                  "after the final norm" if final_norm else "last block without the final norm")
+                  + (", standardised" if standardize else ""))
+    log(format_table(title, results, pixels))
+
+    record = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), name=name, data=data or "builtin", img_size=img_size,
+                  **options, standardize=standardize, n_train=len(train_y), n_test=len(features["test_y"]),
+                  extraction_s=round(extraction_s, 1), options=protocol_options, **(extra or {}))
+    record.update({k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
+                   for k, v in results.items()})
+    if pixels:
+        record["pixels_knn"] = {str(k): v for k, v in pixels["knn"].items()}
+    if out_dir:
+        append_jsonl(os.path.join(out_dir, "eval.jsonl"), record)
+        if plots:
+            write_plots(vit, out_dir, {name: perblock} if perblock else None, features, val_loader,
+                        baseline=pixels["knn"][10] if pixels else None, log=log)
+    return record
+
+
+def write_plots(vit, out_dir, curves, features, val_loader, baseline=None, log=print, max_images=8):
+    """out_dir/knn_per_block.png (curves {name: accs}), embedding.png (t-SNE of the val features) and
+    attention.png (CLS attention of the last block over the first val images)."""
+    from common import plots
+
+    written = []
+    if curves:
+        written.append(plots.plot_per_block(curves, os.path.join(out_dir, "knn_per_block.png"), baseline=baseline))
+    if features is not None:
+        classes = getattr(val_loader.dataset, "classes", None) or None
+        written.append(plots.plot_embedding(features["test_x"], features["test_y"],
+                                            os.path.join(out_dir, "embedding.png"), method="tsne",
+                                            class_names=classes))
+    if vit is not None:
+        dataset = val_loader.dataset
+        images = torch.stack([dataset[i][0] for i in range(min(max_images, len(dataset)))])
+        written.append(plots.plot_attention(unwrap(vit), images, os.path.join(out_dir, "attention.png")))
+    log("pictures: " + ", ".join(str(p) for p in written))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m common.eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Evaluate frozen ViT features of any checkpoint that common/checkpoints.py loads with "
+                    "k-NN, per-block k-NN, a linear probe, low-shot logistic regression and k-means clustering. "
+                    "MIM-Refiner's paper k-NN protocol: --ema --no_final_norm --standardize.")
+    parser.add_argument("--ckpt", action="append", required=True,
+                        help="checkpoint path or URL; repeat for several (one per-block plot); 'pixels' = raw pixels")
+    parser.add_argument("--data", default="builtin", help="'builtin', 'cifar10', 'stl10' or a folder with train/ and val/")
+    parser.add_argument("--protocol", default="knn",
+                        help="knn | perblock | linear | lowshot | cluster | all, or a comma-separated list")
+    parser.add_argument("--ema", action="store_true", help="evaluate the EMA encoder stored in the checkpoint")
+    parser.add_argument("--token", default="cls", choices=TOKEN_CHOICES, help="pooled feature: CLS, mean patch, both")
+    parser.add_argument("--no_final_norm", action="store_true",
+                        help="use the last block's raw output (no final LayerNorm), as MIM-Refiner's k-NN")
+    parser.add_argument("--blocks", type=int, nargs="+", default=None,
+                        help="pool these blocks' raw outputs and concatenate them (e.g. -4 -3 -2 -1 for a last-4 probe)")
+    parser.add_argument("--standardize", action="store_true",
+                        help="k-NN: standardise features with the train mean/std before L2 normalisation")
+    parser.add_argument("--img_size", type=int, default=None,
+                        help="eval resolution (default: the checkpoint's; raw pixels: 32 builtin/cifar10, 96 stl10, 224)")
+    parser.add_argument("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+                        help="built-in data only: images per class in train and val (default 1000 200)")
+    parser.add_argument("--batch_size", type=int, default=256, help="feature extraction batch size")
+    parser.add_argument("--num_workers", type=int, default=4, help="data loader workers")
+    parser.add_argument("--probe_epochs", type=int, default=50, help="linear probe epochs over the cached features")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5], help="low-shot: labelled images per class")
+    parser.add_argument("--lowshot_splits", type=int, default=3, help="low-shot: number of fixed splits per shot count")
+    parser.add_argument("--kmeans_n_init", type=int, default=10, help="clustering: k-means++ restarts (best inertia kept)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the probe, low-shot splits and k-means")
+    parser.add_argument("--plots", action="store_true",
+                        help="write knn_per_block.png, embedding.png (t-SNE) and attention.png")
+    parser.add_argument("--out_dir", default=None,
+                        help="where eval.jsonl and pictures go (default: next to each checkpoint; '.' for pixels)")
+    parser.add_argument("--cache_dir", default=None, help="feature cache folder (default: OUT_DIR/eval_cache)")
+    parser.add_argument("--no_cache", action="store_true", help="extract features again and do not store them")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    return parser.parse_args(argv)
+
+
+def _setup_distributed(device):
+    """torchrun: one process group (NCCL on CUDA, gloo on CPU); returns the device of this rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return torch.device(device)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.n_per_class and args.data not in (None, "builtin"):
+        raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
+    device = _setup_distributed(args.device)
+    log = print if _is_main() else (lambda *_: None)
+    several = len(args.ckpt) > 1
+    protocols = parse_protocols(args.protocol) + (("perblock",) if args.plots and several else ())
+    curves, records = {}, []
+    for ckpt in args.ckpt:
+        if ckpt == "pixels":
+            vit, name, weights_key = None, "raw pixels", None
+            img_size = args.img_size or default_img_size(args.data)
+            out_dir = args.out_dir or "."
+        else:
+            from common.checkpoints import CheckpointError, build_vit_from_checkpoint
+
+            try:
+                vit, _ = build_vit_from_checkpoint(ckpt, use_ema=args.ema)
+            except CheckpointError as error:                 # one sentence, no traceback
+                raise SystemExit(str(error)) from None
+            vit = vit.to(device)
+            img_size = args.img_size or vit.img_size[0]
+            local = os.path.isfile(ckpt)
+            name = (os.path.join(os.path.basename(os.path.dirname(os.path.abspath(ckpt))), os.path.basename(ckpt))
+                    + (" (EMA)" if args.ema else ""))
+            # The cache key names the weights: a changed file (mtime, size) means new features.
+            stat = os.stat(ckpt) if local else None
+            weights_key = dict(ckpt=os.path.abspath(ckpt) if local else ckpt, ema=args.ema,
+                               mtime=stat.st_mtime if local else None, size=stat.st_size if local else None)
+            out_dir = args.out_dir or (os.path.dirname(os.path.abspath(ckpt)) if local else ".")
+        cache_dir = None if args.no_cache else (args.cache_dir or os.path.join(out_dir, "eval_cache"))
+        record = evaluate(vit, args.data, img_size, protocols, out_dir=out_dir, tokens=args.token,
+                          final_norm=not args.no_final_norm, blocks=args.blocks, standardize=args.standardize,
+                          batch_size=args.batch_size, num_workers=args.num_workers, device=device, name=name,
+                          plots=args.plots and not several, n_per_class=args.n_per_class, cache_dir=cache_dir,
+                          cache_key=weights_key, extra=dict(ckpt=ckpt, ema=args.ema), log=log,
+                          probe_epochs=args.probe_epochs, shots=args.shots, lowshot_splits=args.lowshot_splits,
+                          kmeans_n_init=args.kmeans_n_init, seed=args.seed)
+        if record is not None:
+            records.append(record)
+            if record.get("perblock"):
+                curves[name] = record["perblock"]
+    if _is_main() and args.plots and several and curves:
+        from common import plots
+
+        out_dir = args.out_dir or "."
+        log("pictures: " + plots.plot_per_block(curves, os.path.join(out_dir, "knn_per_block.png")))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return records
+
+
+if __name__ == "__main__":
+    main()

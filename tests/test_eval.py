@@ -293,3 +293,83 @@ def test_plots_are_written(tmp_path):
     maps = plots.cls_attention(vit.eval(), images)
     assert maps.shape == (3, 32, 32) and maps.min() >= 0 and maps.max() <= 1
     assert_real_png(plots.plot_attention(vit, images, tmp_path / "attn.png"))
+
+
+# ---- the driver and the CLI ------------------------------------------------------------------------------
+def test_protocol_names_are_checked():
+    assert ev.parse_protocols("all") == ev.PROTOCOLS
+    assert ev.parse_protocols("cluster,knn") == ("knn", "cluster")
+    with pytest.raises(ValueError, match="protocol 'probe' is not one of"):
+        ev.parse_protocols("knn,probe")
+
+
+def test_unlabelled_folder_is_refused(tmp_path):
+    from PIL import Image
+    for i in range(2):
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    with pytest.raises(SystemExit, match="has no labels"):
+        ev.evaluate(create_vit("vit_micro"), str(tmp_path), 32, num_workers=0)
+
+
+def write_our_checkpoint(path, seed=0):
+    from common.checkpoints import save_checkpoint
+    from common.vit import vit_config
+    torch.manual_seed(seed)
+    vit = create_vit("vit_micro")
+    save_checkpoint(path, {"model": vit.state_dict(), "encoder": vit.state_dict(), "vit": vit_config(vit),
+                           "optimizer": {}, "step": 0, "epoch": 0, "args": {}})
+    return vit
+
+
+def test_cli_end_to_end(tmp_path, monkeypatch):
+    """The real CLI on a tiny checkpoint in our format and the built-in data (20 / 10 images per class)."""
+    ckpt = tmp_path / "run" / "checkpoint.pth"
+    vit = write_our_checkpoint(ckpt)
+    small = ["--n_per_class", "20", "10", "--num_workers", "0", "--batch_size", "64"]
+    result = subprocess.run(
+        [sys.executable, "-m", "common.eval", "--ckpt", str(ckpt), "--ckpt", "pixels", "--protocol", "all",
+         "--probe_epochs", "5", "--shots", "1", "2", "--lowshot_splits", "2", "--kmeans_n_init", "1", "--plots", "--out_dir", str(tmp_path / "out")] + small,
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "k-NN k=10 / 20" in result.stdout and "raw pixels" in result.stdout
+    records = [json.loads(line) for line in open(tmp_path / "out" / "eval.jsonl")]
+    assert [r["ckpt"] for r in records] == [str(ckpt), "pixels"]
+    model, pixels = records
+    assert set(model) >= {"knn", "perblock", "linear", "lowshot", "cluster", "pixels_knn"}
+    assert len(model["perblock"]) == vit.depth and "perblock" not in pixels and "linear" in pixels
+    assert_real_png(str(tmp_path / "out" / "knn_per_block.png"))
+    assert model["n_train"] == 200 and model["n_test"] == 100
+    assert set(model["lowshot"]) == {"1", "2"} and len(model["lowshot"]["2"]["accs"]) == 2
+
+    # The CLI's k-NN equals a brute-force k-NN on features computed here from the dataset itself.
+    from common import data
+    feats = {}
+    with torch.no_grad():
+        for split in ("train", "val"):
+            ds = data.build_dataset("builtin", split, data.eval_transform(32), n_per_class=20 if split == "train" else 10)
+            images = torch.stack([ds[i][0] for i in range(len(ds))])
+            feats[split] = (vit.eval().forward_features(images)[:, 0], torch.tensor([ds[i][1] for i in range(len(ds))]))
+    for k in (10, 20):
+        expected = brute_force_knn(*feats["train"], *feats["val"], k, 0.07, False)
+        assert model["knn"][str(k)] == pytest.approx(expected, abs=1e-6)
+
+    # Second run, in process: the features come from the cache (extraction would fail), a line is appended.
+    monkeypatch.setattr(ev, "extract_features", lambda *a, **k: pytest.fail("features were not cached"))
+    monkeypatch.setattr(ev, "pixel_features", lambda *a, **k: pytest.fail("pixel features were not cached"))
+    small += ["--cache_dir", str(tmp_path / "out" / "eval_cache")]
+    ev.main(["--ckpt", str(ckpt), "--protocol", "knn"] + small)
+    lines = open(tmp_path / "run" / "eval.jsonl").read().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["knn"] == model["knn"]
+    # A changed checkpoint file (new mtime) is not served from the old cache.
+    os.utime(ckpt, (os.path.getmtime(ckpt) + 10, os.path.getmtime(ckpt) + 10))
+    with pytest.raises(pytest.fail.Exception, match="features were not cached"):
+        ev.main(["--ckpt", str(ckpt), "--protocol", "knn"] + small)
+
+
+def test_cli_bad_arguments_give_one_sentence(tmp_path):
+    ckpt = tmp_path / "c.pth"
+    write_our_checkpoint(ckpt)
+    with pytest.raises(SystemExit, match="--n_per_class applies to the built-in data only"):
+        ev.main(["--ckpt", str(ckpt), "--data", "cifar10", "--n_per_class", "2", "2"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        ev.main(["--ckpt", str(tmp_path / "missing.pth"), "--num_workers", "0"])
