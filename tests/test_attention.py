@@ -242,3 +242,19 @@ def test_bad_input_names_the_value():
 @pytest.mark.parametrize("n, d, pattern", [(197, 64, "contiguous"), (257, 80, "padding"), (1025, 64, "random")])
 def test_bf16_native(n, d, pattern):
     run_case(n, d, pattern, torch.bfloat16)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_key_loop_starts_at_the_group_span():
+    """A query tile inside one group starts its key loop where that group starts, not at a tile boundary:
+    groups 0 (40 tokens, NaN) | 1 (56 tokens), 32-wide tiles. Query rows 64..95 (all group 1) must never read
+    positions 32..39, which share a 32-aligned tile with group 1 but belong to group 0."""
+    gen = torch.Generator().manual_seed(8)
+    groups = torch.tensor([0] * 40 + [1] * 56)[None]
+    q, k, v = (torch.randn(1, 1, 96, 32, generator=gen) for _ in range(3))
+    for t in (q, k, v):
+        t[:, :, :40] = float("nan")
+    with tile_config(32, 32):
+        out = attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), groups.to(DEVICE), backend="triton")
+    want = F.scaled_dot_product_attention(*(t.double()[:, :, 40:] for t in (q, k, v)))
+    torch.testing.assert_close(out.cpu().double()[:, :, 64:], want[:, :, 24:], rtol=0, atol=2e-5)
