@@ -77,7 +77,7 @@ def _star(points=5, inner=0.45):
     return np.stack([outer, inner_pts], 1).reshape(-1, 2)
 
 
-# Unit outlines (x, y) within radius ~1; 'ring' is the circle minus a hole (SHAPE_HOLES).
+# Unit outlines (x, y) within radius ~1; 'ring' is drawn as a circle outline of width 0.45 radius.
 SHAPES = {
     "circle": _regular_polygon(48),
     "square": _regular_polygon(4, 1.0, np.pi / 4),
@@ -91,23 +91,23 @@ SHAPES = {
     "hexagon": _regular_polygon(6),
     "arrow": np.array([[-1, -0.2], [0.15, -0.2], [0.15, -0.6], [1, 0], [0.15, 0.6], [0.15, 0.2], [-1, 0.2]], float),
 }
-SHAPE_HOLES = {"ring": _regular_polygon(48, 0.55)}
 SHAPE_CLASSES = tuple(SHAPES)
 
 
 class ShapesDataset(Dataset):
     """The built-in labelled dataset: 10 shape classes (SHAPE_CLASSES) on cluttered backgrounds.
 
-    Each image: a background of one of three kinds (two-colour linear gradient, stripes of random period and
-    angle, flat colour with blotchy low-frequency noise), 1-3 distractor lines or dots, then one filled shape of
-    random colour (kept at least ~80/441 away from the background's mean colour in RGB so it stays visible),
-    random centre, radius 22-42 % of the side, rotation 0-360 deg, drawn 4x supersampled for anti-aliasing, and
-    pixel noise with sigma 0-10. Position, scale, colour and clutter vary far more than shape, so nearest
-    neighbours in raw pixels rarely share the class (tests/test_data.py measures it) while a small network
-    learns the class.
+    Each image: a background of one of three kinds (two-colour linear gradient, stripes of random period 4-12 px
+    and angle, two colours mixed by blotchy low-frequency noise), 1-3 distractor lines or dots of random colour,
+    then one filled shape of random colour (at least 80 of 441 RGB units away from the background's mean colour,
+    so it stays visible), centre anywhere that keeps most of it inside, radius 22-42 % of the side, rotation
+    0-360 deg, drawn 2x supersampled (anti-aliased edges), then pixel noise with sigma 0-10. Position, scale,
+    colour and clutter vary far more than the shape, so nearest neighbours in raw pixels rarely share the class
+    (tests/test_data.py measures it) while a small network learns it.
 
-    Deterministic: everything is drawn from numpy's generator seeded with (seed, split). Class-balanced:
-    labels cycle 0..9, so any prefix is balanced too. Generation is ~1 ms per image.
+    Deterministic: every random number comes from numpy's generator seeded with (seed, split). Class-balanced:
+    labels cycle 0..9, so any prefix is balanced too. Backgrounds and noise are computed for all images at
+    once; only the drawing of the shapes is a per-image PIL call (~12k images in a few seconds).
 
     split: 'train' or 'val'. size: side in pixels. n_per_class: images per class (default 1000 for train,
     200 for val: 10k / 2k images). Items: (PIL RGB image, label int). `images`: (N, size, size, 3) uint8.
@@ -126,66 +126,91 @@ class ShapesDataset(Dataset):
         key = (split, size, n_per_class, seed)
         if key not in ShapesDataset._cache:                 # training and evaluation in one process draw once
             rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-            ShapesDataset._cache[key] = np.stack([self._draw(rng, int(label)) for label in self.labels])
+            ShapesDataset._cache[key] = np.concatenate(
+                [self._generate(rng, self.labels[i:i + 1000]) for i in range(0, len(self.labels), 1000)])
         self.images = ShapesDataset._cache[key]
 
-    def _background(self, rng):
-        """(size, size, 3) float32 in [0, 255]."""
+    def _backgrounds(self, rng, n):
+        """(n, size, size, 3) float32 in [0, 255]: each image's kind of background, computed per kind."""
         s = self.size
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / (s - 1)
-        c1, c2 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        kind = rng.integers(3)
-        angle = rng.uniform(0, 2 * np.pi)
-        u = np.cos(angle) * xx + np.sin(angle) * yy
-        if kind == 0:                                       # linear gradient
-            t = (u - u.min()) / (u.max() - u.min() + 1e-6)
-        elif kind == 1:                                     # stripes, period 4-12 px
-            period = rng.uniform(4, 12) / s
-            t = 0.5 + 0.5 * np.sin(2 * np.pi * u / period + rng.uniform(0, 2 * np.pi))
-        else:                                               # blotches: upsampled 4x4 noise
-            coarse = rng.uniform(0, 1, (4, 4)).astype(np.float32)
-            t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((s, s), Image.BICUBIC)) / 255.0
-        return c1 * (1 - t[..., None]) + c2 * t[..., None]
+        c1, c2 = rng.uniform(0, 255, (2, n, 1, 1, 3)).astype(np.float32)
+        kind = rng.integers(3, size=n)
+        angle = rng.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
+        period = rng.uniform(4, 12, (n, 1, 1)).astype(np.float32) / s
+        phase = rng.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
+        coarse = rng.uniform(0, 1, (n, 1, 4, 4)).astype(np.float32)
+        t = np.empty((n, s, s), np.float32)
+        u = np.cos(angle) * xx + np.sin(angle) * yy                                   # (n, s, s)
+        gradient, stripes = kind == 0, kind == 1
+        low, high = u[gradient].min((1, 2), keepdims=True), u[gradient].max((1, 2), keepdims=True)
+        t[gradient] = (u[gradient] - low) / (high - low)                               # linear gradient
+        t[stripes] = 0.5 + 0.5 * np.sin(2 * np.pi * u[stripes] / period[stripes] + phase[stripes])
+        blotchy = kind == 2                                                             # smooth 4x4 noise
+        t[blotchy] = torch.nn.functional.interpolate(torch.from_numpy(coarse[blotchy]), size=(s, s), mode="bicubic",
+                                                     align_corners=False).clamp(0, 1)[:, 0].numpy()
+        t = t[..., None]
+        return c1 * (1 - t) + c2 * t
 
-    def _mask(self, outline, hole, center, radius, angle, supersample=4):
-        """Anti-aliased coverage (size, size) in [0, 1] of the rotated, scaled, shifted outline."""
-        s = self.size * supersample
-        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-        canvas = Image.new("L", (s, s), 0)
-        draw = ImageDraw.Draw(canvas)
-        for polygon, fill in ((outline, 255), (hole, 0)):
-            if polygon is not None:
-                points = (polygon @ rot.T * radius + center) * supersample
-                draw.polygon([tuple(p) for p in points], fill=fill)
-        return np.asarray(canvas.resize((self.size, self.size), Image.BOX), dtype=np.float32) / 255.0
+    def _generate(self, rng, labels):
+        """labels: (n,) -> (n, size, size, 3) uint8."""
+        n, s, supersample = len(labels), self.size, 2
+        side = s * supersample
+        background = self._backgrounds(rng, n)
+        background_mean = background.mean((1, 2))
+        # Drawn at 2x: the smooth background is repeated to 2x, the shapes get anti-aliased edges.
+        background = np.rint(background).astype(np.uint8).repeat(supersample, 1).repeat(supersample, 2)
+        n_distractors = rng.integers(1, 4, n)
+        is_line = rng.random((n, 3)) < 0.5
+        ends = rng.uniform(0, side, (n, 3, 4))
+        widths = rng.integers(1, 3, (n, 3)) * supersample / 2
+        dot_radius = rng.uniform(0.5, 1.5, (n, 3)) * supersample
+        distractor_colours = rng.uniform(0, 255, (n, 3, 3))
+        # First candidate colour far enough from the background's mean; 20 tries almost always succeed.
+        candidates = rng.uniform(0, 255, (n, 20, 3))
+        far = np.linalg.norm(candidates - background_mean[:, None], axis=2) > 80
+        colours = candidates[np.arange(n), far.argmax(1)]
+        radius = rng.uniform(0.22, 0.42, n) * s
+        centre = rng.uniform(0.75 * radius[:, None], s - 0.75 * radius[:, None], (n, 2))
+        angle = rng.uniform(0, 2 * np.pi, n)
+        noise_sigma = rng.uniform(0, 10, n)
 
-    def _draw(self, rng, label):
-        s = self.size
-        image = self._background(rng)
-        for _ in range(rng.integers(1, 4)):                 # distractors: a thin line or a small dot
-            canvas = Image.new("L", (4 * s, 4 * s), 0)
+        # Everything PIL needs as plain Python numbers, computed for all images at once.
+        cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+        outlines = [None] * n
+        for label, outline in enumerate(SHAPES.values()):
+            idx = np.flatnonzero(labels == label)
+            x, y = outline[None, :, 0], outline[None, :, 1]                            # rotate, scale, shift
+            px = (cos[idx] * x - sin[idx] * y) * radius[idx, None] + centre[idx, 0:1]
+            py = (sin[idx] * x + cos[idx] * y) * radius[idx, None] + centre[idx, 1:2]
+            for i, points in zip(idx, (np.stack([px, py], 2) * supersample).reshape(len(idx), -1).tolist()):
+                outlines[i] = points
+        fills = colours.astype(int).tolist()
+        distractor_fills = distractor_colours.astype(int).tolist()
+        line_widths = np.maximum(1, np.rint(widths)).astype(int).tolist()
+        ring = SHAPE_CLASSES.index("ring")
+
+        canvases = np.empty((n, side, side, 3), np.uint8)
+        for i in range(n):
+            canvas = Image.fromarray(background[i])
             draw = ImageDraw.Draw(canvas)
-            if rng.random() < 0.5:
-                draw.line([tuple(rng.uniform(0, 4 * s, 2)), tuple(rng.uniform(0, 4 * s, 2))], fill=255,
-                          width=int(rng.integers(2, 6)))
+            for j in range(n_distractors[i]):
+                if is_line[i, j]:
+                    draw.line(ends[i, j].tolist(), fill=tuple(distractor_fills[i][j]), width=line_widths[i][j])
+                else:
+                    x, y, r = ends[i, j, 0], ends[i, j, 1], dot_radius[i, j]
+                    draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(distractor_fills[i][j]))
+            if labels[i] == ring:                           # an annulus: a thick circle outline
+                x, y, r = centre[i, 0] * supersample, centre[i, 1] * supersample, radius[i] * supersample
+                draw.ellipse([x - r, y - r, x + r, y + r], outline=tuple(fills[i]), width=int(round(0.45 * r)))
             else:
-                cx, cy, r = *rng.uniform(0, 4 * s, 2), rng.uniform(2, 6)
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-            alpha = np.asarray(canvas.resize((s, s), Image.BOX), dtype=np.float32)[..., None] / 255.0
-            image = image * (1 - alpha) + rng.uniform(0, 255, 3) * alpha
-        background_mean = image.reshape(-1, 3).mean(0)
-        colour = rng.uniform(0, 255, 3)
-        for _ in range(20):                                 # keep the shape visible against the background
-            if np.linalg.norm(colour - background_mean) > 80:
-                break
-            colour = rng.uniform(0, 255, 3)
-        name = SHAPE_CLASSES[label]
-        radius = rng.uniform(0.22, 0.42) * s
-        center = rng.uniform(0.75 * radius, s - 0.75 * radius, 2)
-        alpha = self._mask(SHAPES[name], SHAPE_HOLES.get(name), center, radius, rng.uniform(0, 2 * np.pi))[..., None]
-        image = image * (1 - alpha) + colour * alpha
-        image = image + rng.normal(0, rng.uniform(0, 10), image.shape)
-        return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+                draw.polygon(outlines[i], fill=tuple(fills[i]))
+            canvases[i] = np.asarray(canvas)
+        # 2x2 box filter (supersample = 2) down to the final size (anti-aliasing), then per-image pixel noise.
+        wide = canvases.astype(np.float32)
+        images = (wide[:, 0::2, 0::2] + wide[:, 0::2, 1::2] + wide[:, 1::2, 0::2] + wide[:, 1::2, 1::2]) / 4
+        images += rng.normal(0, 1, images.shape).astype(np.float32) * noise_sigma[:, None, None, None].astype(np.float32)
+        return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
     def __len__(self):
         return len(self.labels)

@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import io
 import json
 import logging
 import math
@@ -554,6 +555,24 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _gather_rng_states():
+    """Every rank's _rng_state(), in rank order (collective). Serialised by hand into a byte tensor:
+    all_gather_object cannot unpickle tensors on some torch versions."""
+    buffer = io.BytesIO()
+    torch.save(_rng_state(), buffer)
+    payload = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else torch.device("cpu")
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(torch_dist.get_world_size())]
+    torch_dist.all_gather(sizes, torch.tensor([payload.numel()], device=device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:payload.numel()] = payload.to(device)
+    parts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in sizes]
+    torch_dist.all_gather(parts, padded)
+    return [torch.load(io.BytesIO(part[:int(size.item())].cpu().numpy().tobytes()), weights_only=True)
+            for part, size in zip(parts, sizes)]
+
+
 def _move(batch, device):
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
@@ -710,13 +729,7 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------------
     def state(self):
         """The checkpoint dict (see the module docstring); collective under DDP (gathers every rank's RNG)."""
-        rng = _rng_state()
-        if self.dist.world_size > 1:
-            gathered = [None] * self.dist.world_size
-            torch_dist.all_gather_object(gathered, rng)
-            rng = gathered
-        else:
-            rng = [rng]
+        rng = _gather_rng_states() if self.dist.world_size > 1 else [_rng_state()]
         state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "step": self.global_step, "epoch": self.global_step // self.steps_per_epoch,

@@ -1,0 +1,250 @@
+"""common/engine.py: LR rules and schedule, parameter groups, freezing, EMA, the 2-process gather and DDP
+Trainer, bit-identical resume (after --max_steps and after SIGTERM), NaN stop, checkpoint format."""
+import argparse
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common import data, engine
+from common.vit import create_vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LR rules and parameter groups
+# ----------------------------------------------------------------------------------------------------------
+def test_scaled_lr_matches_the_papers_numbers():
+    assert engine.scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)          # MAE PRETRAIN.md: 4096 -> 2.4e-3
+    assert engine.scaled_lr(1e-4, 1024, factor=2) == pytest.approx(8e-4)    # MAE-CT B/16 stage 3 (x views)
+    assert engine.scaled_lr(4e-4, 512) == pytest.approx(8e-4)               # MIM-Refiner H/14 stage 3
+
+
+def test_cosine_lr_hand_values():
+    lr = lambda step: engine.cosine_lr(step, total_steps=110, warmup_steps=10, base_lr=1.0, min_lr=0.1)
+    assert lr(0) == 0.0
+    assert lr(5) == pytest.approx(0.5)                       # halfway up the linear warm-up
+    assert lr(10) == pytest.approx(1.0)                      # peak
+    assert lr(60) == pytest.approx(0.55)                     # half-way down: min + (base - min) / 2
+    assert lr(85) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 0.75)) / 2)
+    assert lr(110) == pytest.approx(0.1)
+    assert lr(200) == pytest.approx(0.1)                     # stays at min after the end
+
+
+def test_param_groups_weight_decay_and_layer_decay():
+    vit = create_vit("vit_micro")                            # depth 4
+    groups = engine.param_groups(vit.named_parameters(), 0.05, layer_decay=0.5, depth=4)
+    by_name = {name: (g["weight_decay"], g["lr_scale"]) for g in groups for name in g["names"]}
+    assert "pos_embed" not in by_name                        # fixed table: requires_grad=False, skipped
+    assert by_name["cls_token"] == (0.05, 0.5 ** 5)          # MAE decays cls_token (3-D); stem scale d^(depth+1)
+    assert by_name["patch_embed.proj.weight"] == (0.05, 0.5 ** 5)
+    assert by_name["patch_embed.proj.bias"] == (0.0, 0.5 ** 5)
+    assert by_name["blocks.0.attn.qkv.weight"] == (0.05, 0.5 ** 4)       # block i: d^(depth - i)
+    assert by_name["blocks.0.norm1.weight"] == (0.0, 0.5 ** 4)
+    assert by_name["blocks.3.mlp.fc2.bias"] == (0.0, 0.5)
+    assert by_name["norm.weight"] == (0.0, 1.0) and by_name["norm.bias"] == (0.0, 1.0)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in vit.parameters())
+
+    # Prefixed names (a method module), an explicit exclusion, and no layer decay.
+    module = nn.Module()
+    module.encoder, module.head = vit, nn.Linear(64, 8)
+    plain = engine.param_groups(module.named_parameters(), 0.1, no_decay_names=("cls_token",))
+    by_name = {name: (g["weight_decay"], g["lr_scale"]) for g in plain for name in g["names"]}
+    assert by_name["encoder.cls_token"] == (0.0, 1.0)
+    assert by_name["head.weight"] == (0.1, 1.0) and by_name["head.bias"] == (0.0, 1.0)
+    assert engine.layer_id("encoder.blocks.2.attn.proj.weight", 4) == 3
+    assert engine.layer_id("decoder_blocks.1.mlp.fc1.weight", 4) == 5      # not an encoder block
+
+
+def test_set_lr_applies_each_groups_scale():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([{"params": [a], "lr_scale": 0.25}, {"params": [b]}], lr=1.0)
+    engine.set_lr(optimizer, 0.8)
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.2), pytest.approx(0.8)]
+
+
+def test_freeze_blocks_keeps_stem_and_first_blocks_frozen_in_eval_mode():
+    vit = create_vit("vit_micro")
+    engine.freeze_blocks(vit, 2)
+    vit.train()
+    assert not vit.patch_embed.training and not vit.blocks[1].training and vit.blocks[2].training
+    assert not vit.cls_token.requires_grad and not any(p.requires_grad for p in vit.blocks[1].parameters())
+    assert all(p.requires_grad for p in vit.blocks[2].parameters()) and vit.norm.weight.requires_grad
+    names = {n for g in engine.param_groups(vit.named_parameters(), 0.05) for n in g["names"]}
+    assert not any(n.startswith(("blocks.0.", "blocks.1.", "patch_embed", "cls_token")) for n in names)
+    with pytest.raises(ValueError, match="cannot freeze 5 blocks"):
+        engine.freeze_blocks(create_vit("vit_micro"), 5)
+
+
+def test_ema_update_and_buffers():
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = engine.EMA(model, decay=0.9)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model(torch.randn(4, 3))                                 # moves the BatchNorm running statistics
+    ema.update(model)
+    for ema_p, old, new in zip(ema.module.parameters(), start, model.parameters()):
+        assert torch.allclose(ema_p, 0.9 * old + 0.1 * new)
+    assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_unknown_default_is_rejected():
+    with pytest.raises(ValueError, match=r"unknown flags \['bacth_size'\]"):
+        engine.add_common_args(argparse.ArgumentParser(), bacth_size=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Two processes (gloo)
+# ----------------------------------------------------------------------------------------------------------
+def test_two_process_gather_and_ddp_trainer(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(REPO, "tests", "dist_engine_worker.py"), str(tmp_path)]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    base = torch.arange(6, dtype=torch.float32).view(3, 2)
+    expected_gather = torch.cat([base, base + 100])
+    # d/dx_r of sum_r' <all_gather(x), W_r'> with W_r' = (r'+1) * arange(12): rows of x_r are rows r*3..r*3+2,
+    # and both ranks' losses use them: (1 + 2) * arange(12)[slice of rank r].
+    weights_sum = 3 * torch.arange(12, dtype=torch.float32).view(6, 2)
+    for r, result in enumerate(ranks):
+        assert result["world_size"] == 2
+        assert torch.equal(result["gathered"], expected_gather)
+        assert torch.equal(result["plain"], 2 * expected_gather)
+        assert torch.equal(result["grad"], weights_sum[3 * r:3 * r + 3])
+    # DDP Trainer: 3 optimizer steps of 2 micro-batches of 4 on each rank, the same parameters on both
+    # ranks, disjoint samples, and a checkpoint with both ranks' RNG states.
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 3
+    for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(p0, p1)
+    # Epoch 0 = 4 micro-batches of 4 per rank (40 images / 2 ranks, 5 batches, 2 whole steps): disjoint.
+    first_epoch = [set(result["seen"][:16].tolist()) for result in ranks]
+    assert len(ranks[0]["seen"]) == 24 and len(first_epoch[0]) == 16 and not first_epoch[0] & first_epoch[1]
+    ckpt = torch.load(tmp_path / "run" / engine.LAST_CHECKPOINT, weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])   # ranks draw different noise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume, NaN, checkpoint format
+# ----------------------------------------------------------------------------------------------------------
+class TinyMethod(nn.Module):
+    """Random crops (data), input noise and dropout (global RNG), BatchNorm buffers, an encoder ViT."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = create_vit("vit_micro", depth=1)
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.BatchNorm1d(64), nn.Linear(64, 10))
+
+    def forward(self, images, labels):
+        images = images + 0.1 * torch.randn_like(images)
+        features = self.encoder.forward_features(images)[:, 0]
+        return nn.functional.cross_entropy(self.head(features), labels)
+
+
+def parse(run_dir, *flags):
+    parser = argparse.ArgumentParser()
+    engine.add_common_args(parser)
+    return parser.parse_args(["--output_dir", str(run_dir), "--epochs", "2", "--batch_size", "8", "--blr", "1e-2",
+                              "--warmup_epochs", "0.5", "--log_every", "100", "--device", "cpu", *flags])
+
+
+def train(run_dir, *flags, on_step=None, poison_step=None):
+    """Run the Trainer loop as a method script would; returns (losses per micro-batch, trainer, ema)."""
+    args = parse(run_dir, *flags)
+    dist = engine.setup(args)
+    dataset = data.build_dataset(None, "train", data.mae_transform(32), seed=args.seed, n_per_class=4)
+    loader = data.build_loader(dataset, args.batch_size, dist, train=True, seed=args.seed)
+    model = TinyMethod()
+    optimizer = torch.optim.AdamW(engine.param_groups(model.named_parameters(), args.weight_decay), lr=args.lr,
+                                  betas=(0.9, 0.95))
+    ema = engine.EMA(model.encoder, 0.9)
+    trainer = engine.Trainer(args, model, optimizer, loader, dist, encoder=model.encoder, encoder_ema=ema)
+    losses = []
+    for images, labels, indices in trainer:
+        with trainer.autocast():
+            loss = model(images, labels)
+        if poison_step is not None and trainer.global_step + 1 == poison_step:
+            loss = loss * float("nan")
+        losses.append(loss.item())
+        if trainer.step(loss):
+            ema.update(model.encoder)
+            if on_step is not None:
+                on_step(trainer)
+    trainer.finish()
+    return losses, trainer, ema
+
+
+@pytest.mark.parametrize("accum_iter", ["1", "2"])
+def test_resume_after_max_steps_and_sigterm_is_bit_identical(tmp_path, accum_iter):
+    # 40 images, batch 8, 2 epochs: 5 batches per epoch (2 optimizer steps per epoch with --accum_iter 2).
+    full, full_trainer, full_ema = train(tmp_path / "full", "--accum_iter", accum_iter)
+    steps = full_trainer.total_steps
+    assert len(full) == steps * int(accum_iter) and steps in (10, 4)
+
+    first, _, _ = train(tmp_path / "split", "--accum_iter", accum_iter, "--max_steps", str(steps // 2 - 1))
+
+    def sigterm_once(trainer):                              # pre-emption in the middle of the second part
+        if trainer.global_step == steps // 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    second = []
+    with pytest.raises(SystemExit) as stopped:
+        second, _, _ = train(tmp_path / "split", "--accum_iter", accum_iter, "--resume", "auto", on_step=sigterm_once)
+    assert stopped.value.code == 0
+    # The signal is acted on at the next optimizer-step boundary, never inside a step.
+    stopped_at = torch.load(tmp_path / "split" / engine.LAST_CHECKPOINT, weights_only=True)["step"]
+    assert stopped_at == steps // 2 + 1
+    third, resumed_trainer, resumed_ema = train(tmp_path / "split", "--accum_iter", accum_iter, "--resume", "auto")
+
+    assert first == full[:len(first)]                       # exact equality, no tolerance
+    assert third == full[len(full) - len(third):]
+    assert len(third) == (steps - stopped_at) * int(accum_iter)
+    for a, b in zip(full_trainer.module.state_dict().values(), resumed_trainer.module.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full_ema.state_dict().values(), resumed_ema.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match=r"loss is nan at step 7 \(epoch 1\); stopping: the last good checkpoint "
+                                         r".*checkpoint-last.pth \(step 5\) is kept"):
+        train(tmp_path, poison_step=7)
+    ckpt = torch.load(tmp_path / engine.LAST_CHECKPOINT, weights_only=True)
+    assert ckpt["step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_follows_our_format_and_rebuilds_the_encoder(tmp_path):
+    _, trainer, _ = train(tmp_path, "--max_steps", "2")
+    ckpt = torch.load(tmp_path / engine.LAST_CHECKPOINT, weights_only=True)
+    for key in ("model", "encoder", "encoder_ema", "vit", "optimizer", "step", "epoch", "args", "rng"):
+        assert key in ckpt, key
+    assert ckpt["step"] == 2 and ckpt["args"]["max_steps"] == 2
+    assert set(ckpt["encoder"]) == {k[len("encoder."):] for k in ckpt["model"] if k.startswith("encoder.")}
+    from common.checkpoints import build_vit_from_checkpoint
+    vit, _ = build_vit_from_checkpoint(str(tmp_path / engine.LAST_CHECKPOINT))
+    images = torch.randn(2, 3, 32, 32)
+    trainer.module.encoder.eval()
+    assert torch.allclose(vit.eval().forward_features(images), trainer.module.encoder.forward_features(images))
+    with pytest.raises(SystemExit, match="--resume '.*missing.pth' does not exist"):
+        train(tmp_path, "--resume", str(tmp_path / "missing.pth"))
