@@ -142,6 +142,7 @@ def sync_batchnorm(module, device):
         if type(child) is nn.BatchNorm1d:
             synced = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine).to(device)
             synced.load_state_dict(child.state_dict())
+            synced.requires_grad_(child.weight.requires_grad)        # the target projector stays frozen
             setattr(module, name, synced)
         else:
             sync_batchnorm(child, device)

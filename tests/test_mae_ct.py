@@ -130,3 +130,102 @@ def test_frozen_parts_get_no_gradient_and_keep_their_values(stage):
         else:
             assert param.grad is not None and not torch.equal(param.detach(), before[name]), name
     assert all(p.grad is not None for p in model.projector.parameters())
+
+
+def test_layerwise_lr_decay_scales():
+    """The tune stage's groups: block i x 0.65^(depth - i), the stem x 0.65^(depth + 1), final norm and heads x 1,
+    frozen parameters absent."""
+    from common import engine
+    model = tiny_model()
+    model.set_stage("tune", frozen_blocks=1)
+    depth = model.encoder.depth
+    groups = engine.param_groups(model.encoder.named_parameters(), 0.05, layer_decay=0.65, depth=depth)
+    scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    for name, param in model.encoder.named_parameters():
+        if not param.requires_grad:
+            assert name not in scale, name
+        elif name.startswith("blocks."):
+            i = int(name.split(".")[1])
+            assert scale[name] == pytest.approx(0.65 ** (depth - i)), name
+        else:
+            assert name.startswith("norm.") and scale[name] == pytest.approx(1.0), name
+    assert "blocks.0.attn.qkv.weight" not in scale and "patch_embed.proj.weight" not in scale
+    # with nothing frozen the stem is trainable and gets 0.65^(depth + 1)
+    model.set_stage("tune", frozen_blocks=0)
+    groups = engine.param_groups(model.encoder.named_parameters(), 0.05, layer_decay=0.65, depth=depth)
+    scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.65 ** (depth + 1))
+    assert scale["cls_token"] == pytest.approx(0.65 ** (depth + 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two processes (torchrun, gloo) against one process on the concatenated batch
+# ---------------------------------------------------------------------------------------------------------
+STEPS, PER_RANK = 3, 4
+
+
+def run_steps(rank, world):
+    """STEPS tune-stage steps on the same global batches of 2 * PER_RANK images; this rank takes its rows.
+    Returns the global mean loss per step, the gradients of the first step, the final queue and ids."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    model = tiny_model(queue_size=16)
+    model.set_stage("tune", frozen_blocks=2)
+    model = mae_ct.sync_batchnorm(model, torch.device("cpu"))
+    ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)   # Adam would blow up
+    # float rounding on near-zero gradients (its first step is ~lr * sign(g)), SGD keeps differences small
+    generator = torch.Generator().manual_seed(1)
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK) if world > 1 else slice(None)
+    losses, first_grads = [], None
+    for step in range(STEPS):
+        views = [torch.randn(2 * PER_RANK, 3, 32, 32, generator=generator)[rows] for _ in range(2)]
+        ids = torch.arange(2 * PER_RANK)[rows]               # the same ids every step: self-exclusion matters
+        loss, _ = mae_ct.training_step(ddp, views, ids, ids % 3, temperature=0.2, topk=1)
+        loss.backward()
+        value = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        losses.append(value.item())
+        if first_grads is None:
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad()
+        model.update_target(0.9)
+    return dict(losses=losses, grads=first_grads, queue=model.queue.clone(), queue_ids=model.queue_ids.clone(),
+                target=model.target_projector.state_dict())
+
+
+def _worker(out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    result = run_steps(dist.get_rank(), dist.get_world_size())
+    torch.save(result, os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.abspath(__file__), str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = run_steps(0, 1)
+    for r in ranks:     # the same queue on every rank, equal to the one-process queue
+        assert torch.equal(r["queue_ids"], single["queue_ids"])
+        assert torch.allclose(r["queue"], single["queue"], atol=1e-5)
+        for key, value in single["target"].items():
+            assert torch.allclose(r["target"][key].float(), value.float(), atol=1e-5), key
+    assert torch.equal(ranks[0]["queue"], ranks[1]["queue"])
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert set(ranks[0]["grads"]) == set(single["grads"])
+    for name, grad in single["grads"].items():     # DDP-averaged gradients equal the one-process gradient
+        assert torch.allclose(ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-5), name
+        assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
+
+
+if __name__ == "__main__":          # torchrun entry of the two-process test
+    _worker(sys.argv[1])
