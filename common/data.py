@@ -361,8 +361,8 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index):
         image, label = self.base[index]
         if self.transform is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            with torch.random.fork_rng(devices=[]):         # CPU generator only: CUDA's stays the method's
+                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
                 image = self.transform(image)
         return image, label, index
 

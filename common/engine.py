@@ -20,7 +20,8 @@ Public API
 - `add_common_args(parser, **defaults)`, `setup(args, lr_factor=1)` -> Dist, `init_distributed(device)`,
   `cleanup()`, `seed_everything(seed, rank=0)`.
 - `all_gather_grad(x)` (gradient flows back to each rank's slice), `all_gather(x)` (no gradient),
-  `convert_sync_batchnorm(module, dist)`, `wrap_ddp(module, dist, find_unused_parameters=False)`, `unwrap(model)`.
+  `convert_sync_batchnorm(module, dist)`, `wrap_ddp(module, dist, find_unused_parameters=False)` (DDP, and
+  torch.compile under --compile), `unwrap(model)`.
 - `param_groups(named_params, weight_decay, layer_decay=None, depth=None, lr_scale=1.0, no_decay_names=())`,
   `layer_id(name, depth)`, `cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr)`, `set_lr(optimizer, lr)`,
   `scaled_lr(blr, global_batch, factor=1)`, `freeze_blocks(vit, n)`.
@@ -102,7 +103,7 @@ def add_common_args(parser, **defaults):
         ("--seed", dict(type=int, default=0, help="random seed (data order, augmentations, initialisation)")),
         ("--dtype", dict(type=str, default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                          help="autocast precision: auto = bf16 on CUDA, fp32 on CPU; fp16 adds a GradScaler")),
-        ("--compile", dict(action="store_true", help="torch.compile the model")),
+        ("--compile", dict(action="store_true", help="torch.compile the model (engine.wrap_ddp applies it)")),
         ("--kernels", dict(type=str, default="auto", choices=["auto", "triton", "torch"],
                            help="kernel backend: auto = Triton on CUDA, torch reference on CPU")),
         ("--resume", dict(type=str, default=None, help=f"checkpoint to resume from, or 'auto' = "
@@ -232,14 +233,20 @@ def convert_sync_batchnorm(module, dist):
     return module
 
 
-def wrap_ddp(module, dist, find_unused_parameters=False):
+_COMPILE = {"enabled": False}                               # set by setup(args) from --compile
+
+
+def wrap_ddp(module, dist, find_unused_parameters=False, compile=None):
     """DistributedDataParallel when world_size > 1, the module itself otherwise (DDP broadcasts rank 0's
-    parameters and buffers at construction)."""
-    if dist.world_size == 1:
-        return module
-    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
-                                               find_unused_parameters=find_unused_parameters)
+    parameters and buffers at construction); then torch.compile when `compile` is True, or when None and the
+    run was set up with --compile. Call the returned object for the forward pass; `unwrap` gives the module."""
+    if dist.world_size > 1:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                                     find_unused_parameters=find_unused_parameters)
+    if _COMPILE["enabled"] if compile is None else compile:
+        module = torch.compile(module)
+    return module
 
 
 def unwrap(model):
@@ -412,6 +419,7 @@ def setup(args, lr_factor=1):
             raise SystemExit(f"--{flag} {getattr(args, flag)} must be at least 1.")
     dist = init_distributed(args.device)
     seed_everything(args.seed)
+    _COMPILE["enabled"] = bool(getattr(args, "compile", False))
     import kernels
     kernels.set_backend(args.kernels)
     if dist.device.type == "cuda":
@@ -685,8 +693,9 @@ class Trainer:
         (the gradient all-reduce happens only on the micro-batch that steps the optimizer)."""
         stack = contextlib.ExitStack()
         stack.enter_context(autocast(self.dtype, self.device))
-        if self._micro != self.accum_iter - 1 and isinstance(self.model, nn.parallel.DistributedDataParallel):
-            stack.enter_context(self.model.no_sync())
+        ddp = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
+        if self._micro != self.accum_iter - 1 and isinstance(ddp, nn.parallel.DistributedDataParallel):
+            stack.enter_context(ddp.no_sync())
         return stack
 
     def step(self, loss, **metrics):
