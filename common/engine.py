@@ -598,7 +598,8 @@ class Trainer:
     """Everything around a method's training step, so that the loop itself stays in the method file.
 
     Iterating yields the batches (moved to dist.device) of the remaining epochs, resuming at the exact batch
-    of a checkpoint; before each optimizer step's first micro-batch it sets the LR (cosine_lr over
+    of a checkpoint; each epoch starts with model.train() (parts that must stay in eval mode: freeze_blocks,
+    or a train() override in the method's module); before each optimizer step's first micro-batch it sets the LR (cosine_lr over
     args.epochs, or `lr_schedule(step)` when given). `step(loss, **metrics)` checks the loss (a NaN/inf stops
     the run naming the step, keeping the last good checkpoint), runs backward (GradScaler for fp16,
     --accum_iter), and on the last micro-batch clips (--clip_grad), steps the optimizer, zeroes the grads,
@@ -628,6 +629,9 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise SystemExit(f"--batch_size {loader.batch_size} x --accum_iter {self.accum_iter} x {dist.world_size} "
                              f"processes is larger than the dataset ({len(loader.dataset)} images); lower them.")
+        if args.lr is None:
+            raise ValueError("args.lr is None: call engine.setup(args) (which sets lr from --blr) before Trainer, "
+                             "or pass --lr.")
         self.total_steps = args.epochs * self.steps_per_epoch
         self.warmup_steps = args.warmup_epochs * self.steps_per_epoch
         self.lr_schedule = lr_schedule or (lambda step: cosine_lr(step, self.total_steps, self.warmup_steps,
@@ -663,6 +667,8 @@ class Trainer:
             seed_everything(self.args.seed, 1 + self.dist.rank)
         self._install_signal_handlers()
         self._tick, self._tick_step = time.perf_counter(), self.global_step
+        if self.args.max_steps is not None and self.global_step >= self.args.max_steps:
+            return                                          # resumed past --max_steps: nothing to do
         start_epoch = self.global_step // self.steps_per_epoch
         for epoch in range(start_epoch, self.args.epochs):
             self.epoch = epoch
