@@ -377,11 +377,17 @@ def main(argv=None):
             path = plot_reconstructions(model, imgs, os.path.join(args.output_dir, "reconstructions.png"),
                                         args.mask_ratio)
             print(f"[mixmim] trained in {train_s:.0f} s; pictures: {path}", flush=True)
-    if args.eval != "none":
+    if args.eval != "none":                                     # every rank extracts its shard of the features
         from common.eval import evaluate
-        evaluate(model.encoder, args.data, img_size, protocols=args.eval, out_dir=args.output_dir, plots=True,
-                 n_per_class=tuple(args.n_per_class) if args.n_per_class else None, num_workers=args.num_workers,
-                 name=f"mixmim {args.model}", extra={"step": trainer.global_step, "train_s": round(train_s)})
+        from common.plots import plot_per_block
+        record = evaluate(model.encoder, args.data, img_size, protocols=args.eval, out_dir=args.output_dir,
+                          n_per_class=tuple(args.n_per_class) if args.n_per_class else None,
+                          num_workers=args.num_workers, name=f"mixmim {args.model}",
+                          extra={"step": trainer.global_step, "train_s": round(train_s)})
+        if record and "perblock" in record:                     # rank 0; no t-SNE / attention pictures (slow on CPU)
+            plot_per_block({f"mixmim {args.model}": record["perblock"]},
+                           os.path.join(args.output_dir, "knn_per_block.png"),
+                           baseline=record.get("pixels_knn", {}).get("10"))
     engine.cleanup()
 
 
