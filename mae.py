@@ -5,9 +5,7 @@ Official code: facebookresearch/mae (models_mae.py, main_pretrain.py, engine_pre
 MODEL_PART_DOC
 """
 import argparse
-import math
 import os
-import sys
 
 import torch
 import torch.nn as nn
@@ -150,3 +148,171 @@ def create_mae(name="vit_b", decoder=None, **overrides):
     model = MaskedAutoencoderViT(**kwargs)
     model.preset = name
     return model
+
+
+class EncoderWeights:
+    """The MAE model seen as its encoder for the checkpoint's 'encoder' entry: state_dict() holds only the
+    timm-named ViT keys (no decoder), every other attribute (preset, embed_dim, ...) is the model's."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self):
+        return self.model.encoder_state_dict()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+# Official pre-training recipe (reference notes 1.6; facebookresearch/mae: PRETRAIN.md, main_pretrain.py):
+# 64 images per GPU, global batch 4096 (64 GPUs, or --accum_iter), blr 1.5e-4 (lr = blr x 4096 / 256 = 2.4e-3),
+# 40 warm-up epochs, 800 epochs (the released models: 1600), AdamW (0.9, 0.95), wd 0.05, min_lr 0, no clipping.
+PAPER_RECIPE = dict(epochs=800, batch_size=64, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05, accum_iter=None)
+PAPER_GLOBAL_BATCH = 4096
+# The built-in 32 px data on a 2-core CPU: our choice, sized for about ten minutes (see the docstring).
+CPU_RECIPE = dict(epochs=8, batch_size=128, blr=1.5e-3, warmup_epochs=1, weight_decay=0.05, log_every=10)
+CPU_MODELS = ("vit_micro", "vit_mini")
+
+
+def get_args(argv=None):
+    from common import engine
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="vit_mini")
+    model_name = pre.parse_known_args(argv)[0].model
+    if model_name not in PRESETS:
+        raise SystemExit(f"--model {model_name!r} is not a ViT preset; choose one of {', '.join(PRESETS)}.")
+    cpu = model_name in CPU_MODELS
+    parser = argparse.ArgumentParser(description="MAE pre-training (see the docstring).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="vit_mini", help="ViT preset (common/vit.py): vit_micro / vit_mini are "
+                        "the CPU presets for 32 px images, vit_b / vit_l / vit_h the paper's with its recipe")
+    engine.add_common_args(parser, **(CPU_RECIPE if cpu else PAPER_RECIPE))
+    parser.add_argument("--global_batch", type=int, default=None if cpu else PAPER_GLOBAL_BATCH,
+                        help="when --accum_iter is not given, it is set to global_batch / (batch_size x processes) "
+                        "(official 4096)")
+    parser.add_argument("--img_size", type=int, default=None, help="training resolution (default: the preset's, "
+                        "32 for the CPU presets, 224 otherwise)")
+    parser.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed (official 0.75)")
+    parser.add_argument("--decoder", type=int, nargs=3, default=None, metavar=("DIM", "DEPTH", "HEADS"),
+                        help="decoder width, depth, heads (default: official 512 8 16; smaller for the CPU presets)")
+    parser.add_argument("--no_norm_pix_loss", action="store_true", help="regress the (ImageNet-normalised) pixels "
+                        "instead of per-patch normalised ones (official: norm-pix on for every released model)")
+    parser.add_argument("--ckpt", default=None, help="start from these weights (official MAE *_full.pth, "
+                        "encoder-only mae_pretrain_*.pth: the decoder starts fresh, or ours)")
+    parser.add_argument("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+                        help="built-in data only: images per class in train and val (default 1000 200)")
+    parser.add_argument("--eval", default="knn,perblock", help="protocols of common.eval run at the end "
+                        "(knn, perblock, linear, lowshot, cluster, all, comma-separated), or 'none'")
+    args = parser.parse_args(argv)
+    if not 0 <= args.mask_ratio < 1:
+        raise SystemExit(f"--mask_ratio {args.mask_ratio} must be in [0, 1) (official 0.75).")
+    if args.n_per_class and args.data not in (None, "builtin"):
+        raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
+    if args.accum_iter is None:
+        per_step = args.batch_size * int(os.environ.get("WORLD_SIZE", 1))
+        if args.global_batch % per_step:
+            raise SystemExit(f"--global_batch {args.global_batch} is not a multiple of --batch_size x processes = "
+                             f"{per_step}; change one of them or give --accum_iter.")
+        args.accum_iter = max(1, args.global_batch // per_step)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def plot_reconstructions(model, imgs, path, mask_ratio=0.75, seed=0):
+    """imgs (B, 3, H, W) normalised -> PNG, one row per image: original, masked input, reconstruction, and the
+    reconstruction with the visible patches pasted back (facebookresearch/mae: demo/mae_visualize.ipynb).
+    Norm-pix predictions are put back in pixel units with each true patch's own mean and std."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from common.data import denormalize
+
+    model.eval()
+    p, grid = model.patch_size, model.grid_size
+    noise = torch.rand(len(imgs), model.num_patches, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
+    _, pred, mask = model(imgs, mask_ratio, noise)
+    patches = patchify(imgs.float(), p)
+    pred = pred.float()
+    if model.norm_pix_loss:
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    removed = mask.unsqueeze(-1)                                     # (B, L, 1)
+    grey = torch.zeros_like(patches)                                 # 0 = the ImageNet mean colour once denormalised
+    columns = {"original": patches, "masked input": patches * (1 - removed) + grey * removed,
+               "reconstruction": pred, "reconstruction + visible": patches * (1 - removed) + pred * removed}
+    fig, axes = plt.subplots(len(imgs), len(columns), figsize=(2 * len(columns), 2 * len(imgs)), squeeze=False)
+    for col, (title, tokens) in enumerate(columns.items()):
+        pictures = denormalize(unpatchify(tokens, p, grid)).permute(0, 2, 3, 1).cpu().numpy()
+        for row in range(len(imgs)):
+            axes[row, col].imshow(pictures[row])
+            axes[row, col].axis("off")
+        axes[0, col].set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    import time
+
+    from common import data, engine
+
+    args = get_args(argv)
+    dist = engine.setup(args)                                   # lr = blr x global batch / 256 (official)
+    overrides = {"img_size": args.img_size} if args.img_size else {}
+    model = create_mae(args.model, decoder=args.decoder, norm_pix_loss=not args.no_norm_pix_loss, **overrides)
+    if args.ckpt:
+        from common.checkpoints import load_pretrained
+        load_pretrained(model, args.ckpt)
+    model.to(dist.device)
+    img_size = model.img_size[0]
+    builtin = {"n_per_class": args.n_per_class[0]} if args.n_per_class else {}
+    train_set = data.build_dataset(args.data, "train", data.mae_transform(img_size, scale=(0.2, 1.0)),
+                                   seed=args.seed, **builtin)
+    loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
+                               seed=args.seed)
+    # timm add_weight_decay as in main_pretrain.py: no decay for biases and 1-D parameters; cls/mask tokens decayed.
+    optimizer = torch.optim.AdamW(engine.param_groups(model.named_parameters(), args.weight_decay),
+                                  lr=args.lr, betas=(0.9, 0.95))
+    ddp_model = engine.wrap_ddp(model, dist)
+    trainer = engine.Trainer(args, ddp_model, optimizer, loader, dist, encoder=EncoderWeights(model))
+    if dist.is_main:
+        print(f"[mae] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+              f"global batch {args.batch_size * dist.world_size * args.accum_iter} "
+              f"({args.batch_size} x {dist.world_size} processes x accum {args.accum_iter}), "
+              f"{trainer.total_steps} steps", flush=True)
+    start = time.time()
+    for images, _, _ in trainer:
+        with trainer.autocast():
+            loss, _, _ = ddp_model(images, mask_ratio=args.mask_ratio)
+        trainer.step(loss)
+    trainer.finish()
+    train_s = time.time() - start
+
+    if dist.is_main:
+        val_set = data.build_dataset(args.data, "val", data.eval_transform(img_size),
+                                     **({"n_per_class": args.n_per_class[1]} if args.n_per_class else {}))
+        imgs = torch.stack([val_set[i][0] for i in range(min(6, len(val_set)))]).to(dist.device)
+        path = plot_reconstructions(model, imgs, os.path.join(args.output_dir, "reconstructions.png"), args.mask_ratio)
+        print(f"[mae] trained {trainer.global_step} steps in {train_s:.0f} s; pictures: {path}", flush=True)
+    if args.eval != "none":
+        from common.eval import evaluate
+        evaluate(model, args.data, img_size, protocols=args.eval, out_dir=args.output_dir, plots=True,
+                 n_per_class=tuple(args.n_per_class) if args.n_per_class else None, num_workers=args.num_workers,
+                 name=f"mae {args.model}", extra={"step": trainer.global_step, "train_s": round(train_s)})
+    engine.cleanup()
+
+
+if __name__ == "__main__":
+    main()

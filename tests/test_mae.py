@@ -10,6 +10,15 @@ import mae
 from common.checkpoints import build_vit_from_checkpoint, load_pretrained
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast, and much faster on a busy machine (no spinning workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_mae(**kw):
     torch.manual_seed(0)
     return mae.create_mae("vit_micro", **kw).eval()       # 32 px, patch 4: L = 64 patches, D = 64
@@ -166,3 +175,56 @@ def test_official_encoder_only_checkpoint_leaves_decoder_fresh(tmp_path):
         assert torch.equal(state[key], sd[key]), key
     for key, value in decoder_before.items():
         assert torch.equal(state[key], value), key
+
+
+def test_loss_falls_on_a_repeated_batch():
+    model = tiny_mae().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 64)
+    losses = []
+    for _ in range(10):
+        loss, _, _ = model(imgs, noise=noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+TINY = ["--model", "vit_micro", "--n_per_class", "16", "4", "--batch_size", "16", "--epochs", "2",
+        "--warmup_epochs", "0", "--lr", "1e-3", "--log_every", "1", "--num_workers", "0"]
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_cli_end_to_end_and_resume(tmp_path):
+    """6 steps with the k-NN evaluation at the end; then 3 steps + a resume to 6 must log the same losses."""
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    mae.main(TINY + ["--max_steps", "6", "--output_dir", full, "--eval", "knn"])
+    losses = [r["loss"] for r in read_log(full)]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) < sum(losses[:2]), losses          # MAE's loss drops fast from its initial value
+    for name in ("loss.png", "reconstructions.png", "knn_per_block.png", "eval.jsonl"):
+        assert os.path.exists(os.path.join(full, name)), name
+    ckpt_path = os.path.join(full, "checkpoint-last.pth")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert not any(k.startswith(("decoder_", "mask_token")) for k in ckpt["encoder"])   # encoder only
+    assert any(k.startswith("decoder_blocks.") for k in ckpt["model"])                 # full model for resume
+    vit, info = build_vit_from_checkpoint(ckpt_path)
+    assert info["format"] == "ours" and vit.depth == 4 and vit.embed_dim == 64
+    for key, value in vit.state_dict().items():
+        assert torch.equal(value, ckpt["model"][key]), key
+    load_pretrained(mae.create_mae("vit_micro"), ckpt_path)     # and the whole MAE from our file (--ckpt)
+
+    mae.main(TINY + ["--output_dir", part, "--eval", "none", "--max_steps", "3"])
+    mae.main(TINY + ["--output_dir", part, "--eval", "none", "--max_steps", "6", "--resume", "auto"])
+    assert [r["loss"] for r in read_log(part)] == losses      # masks' noise and data order restored too
+
+
+def test_bad_mask_ratio_is_one_sentence():
+    with pytest.raises(SystemExit, match="--mask_ratio 1.5"):
+        mae.main(["--model", "vit_micro", "--mask_ratio", "1.5"])
