@@ -459,12 +459,28 @@ def build_eval_loaders(data, img_size, batch_size=256, num_workers=4, n_per_clas
 
 
 def _cached(cache_path, key, compute, log):
-    """compute() -> dict of tensors, stored at cache_path (atomic write) and reused while `key` matches."""
-    if cache_path and os.path.isfile(cache_path):
-        stored = torch.load(cache_path, map_location="cpu", weights_only=False)
-        if stored.get("key") == key:
+    """compute() -> dict of tensors, stored at cache_path (atomic write) and reused while `key` matches.
+
+    Under torch.distributed, rank 0 decides whether the cache is valid and tells the others, so that all
+    ranks either extract together (the extraction gathers across ranks) or not at all; on a cache hit the
+    other ranks get None (only rank 0 runs the protocols)."""
+    stored = None
+    if cache_path and _is_main() and os.path.isfile(cache_path):
+        try:
+            stored = torch.load(cache_path, map_location="cpu", weights_only=False)
+        except Exception as error:                         # a torn or foreign file: extract again
+            log(f"ignoring unreadable feature cache {cache_path} ({type(error).__name__})")
+        stored = stored if isinstance(stored, dict) and stored.get("key") == key else None
+    hit = stored is not None
+    if dist.is_available() and dist.is_initialized():
+        decision = [hit]
+        dist.broadcast_object_list(decision, src=0)
+        hit = decision[0]
+    if hit:
+        if stored is not None:
             log(f"features from cache {cache_path}")
             return stored["features"]
+        return None
     features = compute()
     if cache_path and _is_main():
         from common.checkpoints import save_checkpoint
@@ -546,9 +562,9 @@ def evaluate(vit, data, img_size, protocols=("knn",), out_dir=None, tokens="cls"
     """Evaluate a (possibly DDP-wrapped) ViT, or raw pixels with vit=None, on the train/val splits of `data`.
 
     data: as common.data.build_dataset ('builtin' / None, 'cifar10', 'stl10', a folder); img_size: eval
-    resolution; n_per_class: (train, val) sizes of the built-in data. protocols: names from PROTOCOLS or 'all'. Features are extracted once (bf16 on CUDA) and,
-    with cache_dir and cache_key (a JSON-able value naming the weights, e.g. path + mtime + size), cached on
-    disk for the next call. Prints a short table, with the raw-pixel k-NN on the same data for scale
+    resolution; n_per_class: (train, val) sizes of the built-in data. protocols: names from PROTOCOLS or
+    'all'. Features are extracted once (bf16 on CUDA) and, with cache_dir and cache_key (a JSON-able value
+    naming the weights, e.g. path + mtime + size), cached on disk for the next call. Prints a short table, with the raw-pixel k-NN on the same data for scale
     (pixel_baseline), appends the record as a JSON line to out_dir/eval.jsonl and, with plots=True, writes
     out_dir/{knn_per_block,embedding,attention}.png. Every rank extracts its shard of the data; the protocols
     run on rank 0, which returns the record {name, options, sizes, protocol: result, ...}; other ranks return
@@ -587,7 +603,7 @@ def evaluate(vit, data, img_size, protocols=("knn",), out_dir=None, tokens="cls"
     features = _cached(cache_file(cache_dir, key) if use_cache else None, key, extract_both, log)
     pixel_feats = None
     if pixel_baseline and vit is not None and "knn" in protocols:
-        pixel_key = dict(weights="pixels", **data_key)
+        pixel_key = dict(weights="pixels", tokens="pixels", final_norm=None, blocks=None, **data_key)
         pixel_feats = _cached(cache_file(cache_dir, pixel_key) if cache_dir else None, pixel_key, pixels_both, log)
     perblock = None
     if vit is not None and ("perblock" in protocols or plots):
@@ -615,7 +631,7 @@ def evaluate(vit, data, img_size, protocols=("knn",), out_dir=None, tokens="cls"
 
     record = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), name=name, data=data or "builtin", img_size=img_size,
                   **options, standardize=standardize, n_train=len(train_y), n_test=len(features["test_y"]),
-                  extraction_s=round(extraction_s, 1), options=protocol_options, **(extra or {}))
+                  extraction_s=round(extraction_s, 1), protocol_options=protocol_options, **(extra or {}))
     record.update({k: ({str(kk): vv for kk, vv in v.items()} if isinstance(v, dict) else v)
                    for k, v in results.items()})
     if pixels:
