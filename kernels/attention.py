@@ -347,16 +347,22 @@ def _configs(pairs):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
 
 
-# Small query tiles help skipping when groups are contiguous; larger ones amortise loads on dense rows.
-_FWD_CONFIGS = _configs([(bm, bn, w, s) for bm in (32, 64, 128) for bn in (32, 64) for w in (4, 8) for s in (2, 3)
-                         if not (bm == 32 and w == 8)])
+# A handful of configs (each one is compiled on first use, a few seconds apiece). Small query tiles help
+# skipping when groups are contiguous; larger ones amortise the key/value loads on dense rows.
+_FWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+                         (128, 32, 4, 2), (128, 64, 8, 2)])
 # Backward: the program owns BLOCK_N keys (dK/dV) or BLOCK_M queries (dQ) and steps over the other side.
-_BWD_CONFIGS = _configs([(bm, bn, w, s) for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 32), (128, 32))
-                         for w in (4, 8) for s in (1, 2)])
-_KEY = ["N", "HEAD_DIM", "BLOCK_D"]
-_attn_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY)(_attn_fwd)
-_attn_bwd_dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY)(_attn_bwd_dkdv)
-_attn_bwd_dq_tuned = triton.autotune(_BWD_CONFIGS, key=_KEY)(_attn_bwd_dq)
+_BWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
+                         (128, 32, 8, 2), (64, 64, 8, 1)])
+_KEY = ["N", "HEAD_DIM"]      # the autotuner adds the tensors' dtypes to the key itself
+# fp32 inputs (tests and the CPU-sized runs; training runs under bf16 autocast) get one fixed config: IEEE
+# fp32 dots are emulated with FMAs, slow to compile per config and not worth tuning.
+_FP32_CONFIGS = _configs([(32, 32, 4, 1)])
+_TUNED = {   # (kernel, is fp32) -> autotuned launcher
+    (name, fp32): triton.autotune(_FP32_CONFIGS if fp32 else configs, key=_KEY)(kernel)
+    for name, kernel, configs in (("fwd", _attn_fwd, _FWD_CONFIGS), ("dkdv", _attn_bwd_dkdv, _BWD_CONFIGS),
+                                  ("dq", _attn_bwd_dq, _BWD_CONFIGS))
+    for fp32 in (False, True)}
 
 
 def _launch_constants(q):
@@ -385,7 +391,7 @@ def _forward(q, k, v, groups32, first, last):
     lse = _new_output((B, H, N), q, torch.float32)
     scale = d ** -0.5
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
-    _attn_fwd_tuned[grid](
+    _TUNED["fwd", q.dtype == torch.float32][grid](
         q, k, v, out, lse, groups32, first, last,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         H, N, d, scale * math.log2(math.e), **_launch_constants(q))
@@ -404,9 +410,10 @@ def _backward(q, k, v, out, lse, grad_out, groups32, first, last):
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), H, N, d,
               scale * math.log2(math.e), scale)
     constants = _launch_constants(q)
-    _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
+    fp32 = q.dtype == torch.float32
+    _TUNED["dkdv", fp32][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
         q, k, v, grad_out, dk, dv, lse, delta, groups32, first, last, *common, **constants)
-    _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
+    _TUNED["dq", fp32][lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, grad_out, dq, lse, delta, groups32, first, last, *common, **constants)
     return dq, dk, dv
 
