@@ -284,6 +284,8 @@ def _default_config(B, Q, D, k, device):
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = 2
+    if _interpreting() and k > 1:  # numpy runs the programs one by one: narrow tiles extract faster
+        block_q, block_d = 32, max(16, min(32, triton.next_power_of_2(D)))
     row_tiles = triton.cdiv(B, block_b)
     num_splits = max(1, min(triton.cdiv(Q, block_q), triton.cdiv(2 * sms, row_tiles)))
     return dict(block_b=block_b, block_q=block_q, block_d=block_d, num_splits=num_splits,
