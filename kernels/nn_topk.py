@@ -48,9 +48,11 @@ faiss/gpu/impl/Distance.cu`:
 
 Torch path (`_nn_topk_torch`): a reference chunked over the queue (bounded memory: one
 (B, chunk) fp32 block at a time), with the same packed keys so ties and missing rows behave the same.
-Default block sizes for the GPU are reasoned, not tuned: tune them with `python -m kernels.bench nn`.
+Defaults (`_default_config`), reasoned but not yet measured on a GPU [unconfirmed]: tiles 128 x 128 x 64
+(top-1) or 64 x 128 x 64 (top-k), about 2 programs per SM, extract_max = 4 (32 under TRITON_INTERPRET=1,
+where tl.topk is very slow). `python -m kernels.bench nn` prints a sweep of these options on the GPU.
+Tests: tests/test_nn_topk.py (float64 reference; `TRITON_INTERPRET=1` on CPU, natively on CUDA).
 """
-import math
 import os
 
 import torch
