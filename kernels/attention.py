@@ -24,7 +24,7 @@ accumulates dK, dV over query tiles; one program per query tile accumulates dQ o
 
 Group masks cost work only where groups meet (SPEC 3.6, reference notes A.5 option 3):
   * per token, the first and last position of its group (`_group_spans`, a sort + searchsorted on the
-    host, O(B N log N)) bound the key loop of a query tile to [min first, max last] and the query loop of a
+    host, O(B N log N), done once per groups tensor: the ViT passes the same one to every block) bound the key loop of a query tile to [min first, max last] and the query loop of a
     key tile likewise; the loop may start at any position, not only at a tile boundary. With tokens sorted
     by group (MixMIM after sorting) a query tile inside one group touches only that group's keys, so two
     equal groups cost about half of dense attention;
@@ -39,6 +39,7 @@ fp32 on load; natively bf16 goes straight to the tensor cores.
 """
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,30 @@ def _group_spans(groups):
     first = first.masked_fill(padding, n)
     last = last.masked_fill(padding, -1)
     return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
+
+
+_prepared = {}   # one entry: the last groups tensor seen -> its int32 copy and spans
+
+
+def _prepare_groups(groups, device):
+    """groups (B, N) int -> (int32 ids, first, last) on `device`, cached for the last groups tensor.
+
+    The ViT passes the same groups tensor to every block, so the sort behind the spans runs once per forward,
+    not once per block. The cache is keyed on the tensor object (weak reference), its storage and its
+    in-place version counter, so a groups tensor changed in place is prepared again.
+    """
+    try:
+        key = (groups.data_ptr(), groups._version, tuple(groups.shape), groups.dtype, groups.device, device)
+    except RuntimeError:          # inference-mode tensors have no version counter: do not cache
+        key = None
+    entry = _prepared.get("last")
+    if key is not None and entry is not None and entry[0] == key and entry[1]() is groups:
+        return entry[2]
+    groups32 = groups.to(device=device, dtype=torch.int32).contiguous()
+    prepared = (groups32, *_group_spans(groups32))
+    if key is not None:
+        _prepared["last"] = (key, weakref.ref(groups), prepared)
+    return prepared
 
 
 # ----------------------------------------------------------------------------------------------- Triton
@@ -174,7 +199,7 @@ def _attn_fwd(
             p = tl.math.exp2(scores - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
 
     has_key = l_i > 0
@@ -462,6 +487,5 @@ def attention(q, k, v, groups=None, backend=None):
         raise ValueError(f"attention: head dim {q.shape[-1]} is above the Triton kernel's {MAX_HEAD_DIM}; "
                          "use more heads or pass backend='torch'.")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    groups32 = groups.to(device=q.device, dtype=torch.int32).contiguous()
-    first, last = _group_spans(groups32)
+    groups32, first, last = _prepare_groups(groups, q.device)
     return _GroupMaskedAttention.apply(q, k, v, groups32, first, last)

@@ -259,3 +259,15 @@ def test_key_loop_starts_at_the_group_span():
         out = attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), groups.to(DEVICE), backend="triton")
     want = F.scaled_dot_product_attention(*(t.double()[:, :, 40:] for t in (q, k, v)))
     torch.testing.assert_close(out.cpu().double()[:, :, 64:], want[:, :, 24:], rtol=0, atol=2e-5)
+
+
+def test_groups_changed_in_place_are_seen():
+    """The per-groups-tensor cache of group spans must notice an in-place change of the ids."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 1, 40, 32, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    groups = torch.zeros(1, 40, dtype=torch.long, device=DEVICE)
+    first = attention(q.float(), k.float(), v.float(), groups, backend="triton")
+    groups[:, 20:] = 1
+    second = attention(q.float(), k.float(), v.float(), groups, backend="triton")
+    for got, ids in ((first, torch.zeros(1, 40, dtype=torch.long)), (second, groups.cpu())):
+        torch.testing.assert_close(got.cpu().double(), oracle(q.cpu(), k.cpu(), v.cpu(), ids), rtol=0, atol=2e-5)
