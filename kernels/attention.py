@@ -23,9 +23,9 @@ exactly 0 in the backward. The backward is two kernels without atomics: one prog
 accumulates dK, dV over query tiles; one program per query tile accumulates dQ over key tiles.
 
 Group masks cost work only where groups meet (SPEC 3.6, reference notes A.5 option 3):
-  * per token, the first and last position of its group (`_group_spans`, a sort + searchsorted on the
-    host, O(B N log N), done once per groups tensor: the ViT passes the same one to every block) bound the key loop of a query tile to [min first, max last] and the query loop of a
-    key tile likewise; the loop may start at any position, not only at a tile boundary. With tokens sorted
+  * per token, the first and last position of its group (`_group_spans`: a sort + searchsorted on the
+    host, O(B N log N), once per groups tensor since the ViT passes the same one to every block) bound the
+    key loop of a query tile to [min first, max last] and the query loop of a key tile likewise; the loop may start at any position, not only at a tile boundary. With tokens sorted
     by group (MixMIM after sorting) a query tile inside one group touches only that group's keys, so two
     equal groups cost about half of dense attention;
   * inside that span a key tile whose [min, max] group range does not meet the query tile's is skipped;
@@ -33,7 +33,8 @@ Group masks cost work only where groups meet (SPEC 3.6, reference notes A.5 opti
     per-element mask. Every other tile pair is "partial": where(g_i == g_j >= 0, S, -inf).
 
 Tails (any N) and head dims that are not a power of two (80 -> a 128-wide tile) are masked loads and stores.
-fp32 inputs use IEEE fp32 dot products (no TF32) so they match a float64 reference to ~1e-6.
+fp32 inputs use IEEE fp32 dot products (no TF32) so they match a float64 reference to ~1e-6, with one
+fixed tile config; fp16/bf16 are autotuned over a few tile shapes per (N, d, dtype).
 Triton's interpreter (TRITON_INTERPRET=1, CPU) computes bf16 wrongly, so there bf16 tiles are upcast to
 fp32 on load; natively bf16 goes straight to the tensor cores.
 """
