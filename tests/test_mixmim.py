@@ -1,5 +1,6 @@
 """mixmim.py: isolation of the two images in the encoder, mixing/unmixing, the loss of Sense-X/MixMIM
 forward_loss against an explicit loop, group sorting, and the CLI end to end on a tiny config."""
+import importlib
 import json
 import math
 
@@ -142,12 +143,13 @@ def encoder_outputs(model, imgs, mask):
 @pytest.mark.parametrize("kernel", ["torch", "triton"])
 def test_changing_the_partner_leaves_the_other_group_unchanged_in_every_block(kernel, backend):
     backend(kernel)
-    model = tiny_model()
-    imgs = torch.randn(4, 3, 32, 32)
-    mask = model.draw_mask(0.5, fixed_noise(model))
+    device = "cuda" if kernel == "triton" and torch.cuda.is_available() else "cpu"   # else Triton's interpreter
+    model = tiny_model().to(device)
+    imgs = torch.randn(4, 3, 32, 32, device=device)
+    mask = model.draw_mask(0.5, fixed_noise(model).to(device))
     changed = imgs.clone()
-    changed[3] = torch.randn(3, 32, 32)                         # image 3 is sample 0's partner
-    own = torch.cat([torch.tensor([True, False]), mask == 0])   # sample 0's group: CLS_A and its own patches
+    changed[3] = torch.randn(3, 32, 32, device=device)          # image 3 is sample 0's partner
+    own = torch.cat([torch.tensor([True, False], device=device), mask == 0])   # sample 0's group: CLS_A, own patches
     before, after = encoder_outputs(model, imgs, mask), encoder_outputs(model, changed, mask)
     for out_before, out_after in zip(before, after):
         torch.testing.assert_close(out_after[0, own], out_before[0, own], atol=1e-5, rtol=1e-5)
@@ -230,3 +232,33 @@ def test_cli_resume_continues_the_same_run(tmp_path, backend):
 def test_odd_batch_is_refused():
     with pytest.raises(SystemExit, match="odd"):
         mixmim.get_args(["--batch_size", "15"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_gpu_the_encoder_attention_runs_in_triton_and_matches_the_reference(backend, monkeypatch):
+    torch.manual_seed(0)
+    model = mixmim.create_mixmim("vit_mini").cuda()             # head dim 64, as ViT-B
+    imgs, noise = torch.randn(8, 3, 32, 32, device="cuda"), fixed_noise(model).cuda()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, _, _ = model(imgs, noise=noise)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    backend("torch")
+    reference_loss, reference_grads = loss_and_grads()
+    backend("auto")
+
+    def not_the_kernel(*args, **kwargs):
+        raise AssertionError("the group-masked attention fell back to the torch reference on CUDA")
+
+    monkeypatch.setattr(importlib.import_module("kernels.attention"), "attention_reference", not_the_kernel)
+    loss, grads = loss_and_grads()
+    assert loss == pytest.approx(reference_loss, rel=1e-4)
+    for got, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16_loss, _, _ = model(imgs, noise=noise)
+    assert bf16_loss.item() == pytest.approx(reference_loss, rel=5e-2)
