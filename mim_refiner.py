@@ -13,8 +13,94 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from common.engine import all_gather, all_gather_grad
 
 FINAL = "final"   # the head on the encoder's output after the final LayerNorm (all other heads: raw block outputs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: the paper's recipes per model size (reference notes 2.5, ml-jku/MIM-Refiner src/yamls/stage2|stage3)
+# ----------------------------------------------------------------------------------------------------------
+PAPER = dict(img_size=224, n_local=10, init_epochs=20, init_blr=2e-4, blr=4e-4, warmup_epochs=4, min_lr=1e-6,
+             weight_decay=0.05, head_weight_decay=1e-5, layer_decay=0.65, topk=20, queue_size=65536,
+             proj_hidden_dim=2048, out_dim=256, pred_hidden_dim=4096, ema_decay=0.9999)
+RECIPES = {
+    # global batch, tau, local crop, refine epochs, frozen blocks: stage3/l16_mae.yaml, h14_mae.yaml, twob14_mae.yaml
+    "vit_l": dict(PAPER, global_batch=1024, temperature=0.2, local_size=96, epochs=30, freeze_blocks=0),
+    "vit_h": dict(PAPER, global_batch=512, temperature=0.3, local_size=98, epochs=30, freeze_blocks=0),
+    "vit_2b": dict(PAPER, global_batch=512, temperature=0.35, local_size=98, epochs=20, freeze_blocks=6),
+    # Not in the paper (our choice): the L/16 recipe.
+    "vit_b": dict(PAPER, global_batch=1024, temperature=0.2, local_size=96, epochs=30, freeze_blocks=0),
+    "vit_s": dict(PAPER, global_batch=1024, temperature=0.2, local_size=96, epochs=30, freeze_blocks=0),
+    "vit_t": dict(PAPER, global_batch=1024, temperature=0.2, local_size=96, epochs=30, freeze_blocks=0),
+    # The built-in 32 px data on a 2-core CPU (our choice, see the docstring): smaller heads, queue and batch.
+    "vit_mini": dict(PAPER, img_size=32, local_size=16, n_local=4, global_batch=64, temperature=0.2,
+                     init_epochs=2, epochs=6, warmup_epochs=1, freeze_blocks=0, queue_size=4096,
+                     proj_hidden_dim=512, out_dim=128, pred_hidden_dim=1024, ema_decay=0.99),
+    "vit_micro": dict(PAPER, img_size=32, local_size=16, n_local=2, global_batch=16, temperature=0.2,
+                      init_epochs=1, epochs=1, warmup_epochs=0, freeze_blocks=0, queue_size=256,
+                      proj_hidden_dim=64, out_dim=32, pred_hidden_dim=64, ema_decay=0.99),
+}
+CPU_PRESETS = ("vit_mini", "vit_micro")
+
+
+def get_args(argv=None):
+    from common import engine
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", default="vit_mini", choices=sorted(RECIPES))
+    recipe = RECIPES[model.parse_known_args(argv)[0].model]
+
+    parser = argparse.ArgumentParser(description="MIM-Refiner: refine a MIM encoder with NNA heads on its "
+                                     "last blocks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="vit_mini", choices=sorted(RECIPES),
+                        help="ViT size; picks the recipe below (vit_l/h/2b: the paper's; vit_mini: built-in data on CPU)")
+    parser.add_argument("--ckpt", default=None, help="starting encoder: a mae.py/mae_ct.py run, official MAE, "
+                        "data2vec 2.0 or MAE-CT weights, or an init-stage checkpoint of this script (heads "
+                        "included); 'none' = random init (smoke tests). Default for vit_mini/micro: "
+                        "runs/mae/checkpoint-last.pth")
+    parser.add_argument("--stage", default="both", choices=["both", "init", "refine"],
+                        help="init = heads on the frozen encoder (paper stage 2); refine = everything (stage 3)")
+    parser.add_argument("--init_epochs", type=int, default=recipe["init_epochs"], help="epochs of the init stage")
+    parser.add_argument("--init_blr", type=float, default=recipe["init_blr"],
+                        help="init-stage head base LR (lr = init_blr x global batch / 256)")
+    parser.add_argument("--head_blocks", default=None, help="comma list of head positions: 'final' (output "
+                        "after the final norm) and 0-indexed block numbers (raw block output). Default: the "
+                        "paper's (vit_l/2b: final,22..16; vit_h: final,30..20), last third of the blocks otherwise")
+    parser.add_argument("--temperature", type=float, default=recipe["temperature"], help="NNA temperature tau")
+    parser.add_argument("--topk", type=int, default=recipe["topk"],
+                        help="refine stage: neighbour drawn uniformly from the top-k (init stage: top-1)")
+    parser.add_argument("--queue_size", type=int, default=recipe["queue_size"], help="entries per head queue")
+    parser.add_argument("--proj_hidden_dim", type=int, default=recipe["proj_hidden_dim"], help="projector width")
+    parser.add_argument("--out_dim", type=int, default=recipe["out_dim"], help="projection / prediction size")
+    parser.add_argument("--pred_hidden_dim", type=int, default=recipe["pred_hidden_dim"], help="predictor width")
+    parser.add_argument("--clean_local_indexing", action="store_true", help="local terms use the local views' "
+                        "predictions p[2+j] instead of the official code's p[j] (see nna_loss docs)")
+    parser.add_argument("--img_size", type=int, default=recipe["img_size"], help="global crop size")
+    parser.add_argument("--local_size", type=int, default=recipe["local_size"],
+                        help="local crop size (a multiple of the patch size: 96 for /16, 98 for /14)")
+    parser.add_argument("--n_local", type=int, default=recipe["n_local"], help="local views per image")
+    parser.add_argument("--layer_decay", type=float, default=recipe["layer_decay"], help="refine: layer-wise LR decay")
+    parser.add_argument("--head_weight_decay", type=float, default=recipe["head_weight_decay"], help="heads' weight decay")
+    parser.add_argument("--freeze_blocks", type=int, default=recipe["freeze_blocks"],
+                        help="refine: freeze the stem and the first N blocks (memory; 2B/14 freezes 6)")
+    parser.add_argument("--ema_decay", type=float, default=recipe["ema_decay"],
+                        help="EMA of the encoder during refinement; the EMA is what gets evaluated")
+    parser.add_argument("--grad_checkpointing", action="store_true", help="recompute block activations in "
+                        "the backward pass (less memory, ~30%% more compute)")
+    parser.add_argument("--eval_train_fraction", type=float, default=1.0 if recipe["img_size"] <= 64 else 0.1,
+                        help="fraction of the train set used as k-NN memory for the end-of-run per-block k-NN")
+    parser.add_argument("--no_eval", action="store_true", help="skip the k-NN evaluation at the end")
+    parser.add_argument("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+                        help="built-in data only: images per class in train and val (default 1000 200)")
+    engine.add_common_args(parser, epochs=recipe["epochs"], blr=recipe["blr"], min_lr=recipe["min_lr"],
+                           warmup_epochs=recipe["warmup_epochs"], weight_decay=recipe["weight_decay"], batch_size=None)
+    for action in parser._actions:             # the shared --batch_size: per process, default = paper batch / GPUs
+        if action.dest == "batch_size":
+            action.help = (f"batch per process; default: the recipe's global batch {recipe['global_batch']} / "
+                           "number of processes")
+    args = parser.parse_args(argv)
+    args.global_batch_default = recipe["global_batch"]
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -134,38 +220,40 @@ def world():
     return 0, 1
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every rank's gradient for this rank's rows (all-reduce), as
-    ml-jku/MIM-Refiner src/distributed/gather.py all_gather_grad: with DDP's gradient averaging this gives the
-    gradient of the mean loss over the global batch."""
+class GlooSyncBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover every process's rows, for CPU (gloo) runs where torch's
+    SyncBatchNorm refuses CPU tensors (the official code always syncs BN: notes 2.3). The all-reduces are
+    differentiable (their backward sums over ranks, like common.engine.all_gather_grad). CUDA runs use torch's SyncBatchNorm."""
 
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        rank, rows = dist.get_rank(), grad.shape[0] // dist.get_world_size()
-        return grad[rank * rows:(rank + 1) * rows]
-
-
-def gather_with_grad(x):
-    """x (B, ...) on every rank -> (world*B, ...), rank-major, differentiable; x itself without a process group."""
-    return _GatherWithGrad.apply(x) if world()[1] > 1 else x
+    def forward(self, x):                                          # x (N, C)
+        if not (self.training and world()[1] > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        count = torch.tensor([float(len(x))], device=x.device)
+        dist.all_reduce(count)
+        mean = all_reduce(x.sum(dim=0)) / count
+        var = all_reduce(((x - mean) ** 2).sum(dim=0)) / count     # biased, as BatchNorm normalises
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
+            self.num_batches_tracked.add_(1)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
-@torch.no_grad()
-def gather(x):
-    """all_gather without gradient (queue writes): (B, ...) -> (world*B, ...)."""
+def sync_batchnorm(module, device):
+    """Every BatchNorm1d of the heads -> synchronised across processes (torch's on CUDA, GlooSyncBatchNorm on CPU)."""
     if world()[1] == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world()[1])]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+        return module
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            synced = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum).to(device)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child, device)
+    return module
 
 
 def nna_loss(z_pre, z_post, predicted, temperature, predicted_all=None):
@@ -184,7 +272,7 @@ def nna_loss(z_pre, z_post, predicted, temperature, predicted_all=None):
     repelling terms compare the sample's own projection with the other samples' predictions.
     """
     rank, _ = world()
-    p_all = F.normalize(gather_with_grad(predicted) if predicted_all is None else predicted_all, dim=1)
+    p_all = F.normalize(all_gather_grad(predicted) if predicted_all is None else predicted_all, dim=1)
     z_pre, z_post = F.normalize(z_pre.float(), dim=1), F.normalize(z_post.float(), dim=1)
     p_all = p_all.float()
     own = torch.arange(len(z_pre), device=z_pre.device) + rank * len(z_pre)
@@ -215,7 +303,7 @@ def head_nna_loss(z, p, neighbours, num_global, num_views, temperature, clean_lo
     z_pre = z[:num_global * batch].detach().view(num_global, batch, -1)
     z_post = neighbours.view(num_global, batch, -1)
     # One gather for all views: (W*V*B, d) rank-major -> per view (W*B, d) rank-major.
-    p_all = gather_with_grad(p).view(-1, num_views, batch, p.shape[1])
+    p_all = all_gather_grad(p).view(-1, num_views, batch, p.shape[1])
     view_predictions = [p_all[:, v].reshape(-1, p.shape[1]) for v in range(num_views)]
     pairs = [(i, j) for i in range(num_global) for j in range(num_global) if i != j]
     pairs += [(i, local_prediction_view(j, num_global, clean_local_indexing))
@@ -277,10 +365,10 @@ class Refiner(nn.Module):
     def forward(self, views, ids, labels, topk=1):
         batch, num_views = len(ids), len(views)
         tokens = self.cls_tokens(views)
-        loss, metrics = 0.0, {}
-        all_ids, all_labels = gather(ids), gather(labels)
+        loss, metrics, nn_label_hits = 0.0, {}, []
+        all_ids, all_labels = all_gather(ids), all_gather(labels)
         for name, head in self.heads.items():
-            z, p = head(tokens[name].float())
+            z, p = head(tokens[name])
             queue = self.queues[name]
             z_global = z[:self.num_global * batch].detach().float()
             neighbours, slots = queue.nearest(z_global, ids.repeat(self.num_global), topk)
@@ -288,7 +376,180 @@ class Refiner(nn.Module):
                                       self.clean_local_indexing)
             loss = loss + head_loss
             metrics[f"loss/{name}"] = head_loss.detach()
-            metrics[f"nn_acc/{name}"] = (queue.labels[slots] == labels.repeat(self.num_global)).float().mean()
+            nn_label_hits.append((queue.labels[slots] == labels.repeat(self.num_global)).float().mean())
             if self.training:
-                queue.push(gather(z_global[:batch]), all_ids, all_labels)   # view 0 of the global views
+                queue.push(all_gather(z_global[:batch]), all_ids, all_labels)   # view 0 of the global views
+        metrics["nn_acc"] = torch.stack(nn_label_hits).mean()     # how often the neighbour shares the class
         return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main: load the encoder, stage init (frozen encoder), stage refine (everything, LLRD, EMA), k-NN evaluation
+# ----------------------------------------------------------------------------------------------------------
+def load_start(args):
+    """-> (encoder ViT at --img_size, the checkpoint's Refiner state dict if it is an init-stage run of this
+    script, else None). Any format of common.checkpoints; the architecture comes from the file."""
+    from common import checkpoints
+    from common.vit import PRESETS, create_vit
+    path = args.ckpt
+    if path is None and args.model in CPU_PRESETS and os.path.exists(os.path.join("runs", "mae", "checkpoint-last.pth")):
+        path = os.path.join("runs", "mae", "checkpoint-last.pth")
+    if path is None:
+        hint = "run `python mae.py` first, " if args.model in CPU_PRESETS else ""
+        raise SystemExit(f"no --ckpt given for --model {args.model}; {hint}pass --ckpt PATH to a pre-trained "
+                         "encoder (e.g. mae_pretrain_vit_huge.pth), or --ckpt none for a random-init smoke test.")
+    if path == "none":
+        print("[mim_refiner] WARNING: --ckpt none: refining a randomly initialised encoder (smoke test only)")
+        return create_vit(args.model, img_size=args.img_size), None
+    obj = checkpoints.read_file(path)
+    if isinstance(obj, dict) and "vit" in obj and "encoder" in obj:
+        config = dict(obj["vit"])
+    else:
+        fmt, state, _ = checkpoints.to_timm_layout(obj, path)
+        config = checkpoints.infer_vit_config(state, fmt)
+    width, depth = PRESETS[args.model][:2]
+    if (config["embed_dim"], config["depth"]) != (width, depth):
+        raise SystemExit(f"--ckpt {path} holds a ViT of width {config['embed_dim']} and depth {config['depth']}, "
+                         f"but --model {args.model} is {width} wide and {depth} deep; pass the matching --model.")
+    config.update(img_size=args.img_size)
+    vit = create_vit(**config)
+    info = checkpoints.load_pretrained(vit, path, obj=obj)
+    print(f"[mim_refiner] encoder from {path} ({info['format']}{', post-norm' if vit.post_norm else ''})")
+    model_state = obj.get("model") if isinstance(obj, dict) else None
+    if isinstance(model_state, dict) and any(k.startswith("heads.") for k in model_state):
+        return vit, model_state
+    return vit, None
+
+
+def make_ddp(module, dist, find_unused):
+    """DDP without per-step buffer broadcasts: every rank writes the same gathered rows into its queues, so
+    rank 0's queues need not be re-sent every step (12 x 64 MB for H/14)."""
+    if dist.world_size == 1:
+        return module
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
+                                               find_unused_parameters=find_unused)
+
+
+def run_stage(stage, args, refiner, loader, dist, ema=None):
+    """One stage with the engine's Trainer (LR schedule, logging, checkpoints, resume, signals).
+    init: heads only, top-1 neighbours; refine: encoder with LLRD + heads, top-k neighbours, EMA."""
+    from common import engine
+    stage_args = copy.copy(args)
+    if stage == "init":
+        stage_args.epochs, stage_args.output_dir = args.init_epochs, os.path.join(args.output_dir, "init")
+        stage_args.lr = engine.scaled_lr(args.init_blr, args.batch_size * dist.world_size)
+        stage_args.resume = "auto" if args.resume else None
+        for p in refiner.encoder.parameters():
+            p.requires_grad_(False)
+        groups, topk = [], 1
+    else:
+        engine.freeze_blocks(refiner.encoder, args.freeze_blocks)
+        groups = engine.param_groups(refiner.encoder.named_parameters(), args.weight_decay, args.layer_decay,
+                                     refiner.encoder.depth, no_decay_names=("cls_token",))
+        topk = args.topk
+    groups += engine.param_groups(refiner.heads.named_parameters(), args.head_weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=stage_args.lr, betas=(0.9, 0.95))
+    model = make_ddp(refiner, dist, find_unused=FINAL not in refiner.head_blocks)
+    trainer = engine.Trainer(stage_args, model, optimizer, loader, dist, encoder=refiner.encoder,
+                             encoder_ema=ema)
+    if dist.is_main:
+        print(f"[mim_refiner] stage {stage}: {stage_args.epochs} epochs x {trainer.steps_per_epoch} steps, "
+              f"lr {stage_args.lr:.3g}, top-{topk}, heads {', '.join(refiner.heads)}", flush=True)
+    for views, labels, ids in trainer:
+        with trainer.autocast():
+            loss, metrics = model(views, ids, labels, topk)
+        if trainer.step(loss, **metrics) and ema is not None:
+            ema.update(refiner.encoder)
+    trainer.finish()
+    return trainer
+
+
+def knn_evaluation(encoders, args, dist):
+    """Per-block k-NN (paper protocol: CLS of each block's raw output, standardised then L2-normalised,
+    k = 10, T = 0.07) for each encoder {name: vit}; the last block is the paper's k-NN number.
+    Writes knn_per_block.png and knn.json; returns {name: [acc per block]}."""
+    import json
+    from torch.utils.data import Subset
+    from common import data, eval as evaluation, plots
+    sizes = [{"n_per_class": n} for n in args.n_per_class] if args.n_per_class else [{}, {}]
+    train_set = data.build_dataset(args.data, "train", data.eval_transform(args.img_size), args.seed, **sizes[0])
+    val_set = data.build_dataset(args.data, "val", data.eval_transform(args.img_size), args.seed, **sizes[1])
+    if not train_set.labelled:
+        print("[mim_refiner] the data has no labels: no k-NN evaluation")
+        return None
+    if args.eval_train_fraction < 1:
+        train_set = Subset(train_set, range(0, len(train_set), max(1, round(1 / args.eval_train_fraction))))
+    train_loader = evaluation.eval_loader(train_set, 256, args.num_workers)
+    val_loader = evaluation.eval_loader(val_set, 256, args.num_workers)
+    curves = {name: evaluation.per_block_knn(vit, train_loader, val_loader, k=10, standardize=True,
+                                             device=dist.device) for name, vit in encoders.items()}
+    pixels = evaluation.knn_accuracy(*evaluation.pixel_features(train_loader), *evaluation.pixel_features(val_loader),
+                                     ks=(10,))[10]
+    if dist.is_main:
+        plots.plot_per_block(curves, os.path.join(args.output_dir, "knn_per_block.png"), baseline=pixels,
+                             title="k-NN (k=10) of each block's CLS token, before and after refinement")
+        with open(os.path.join(args.output_dir, "knn.json"), "w") as f:
+            json.dump({"per_block_k10": curves, "raw_pixels_k10": pixels}, f, indent=1)
+        for name, accs in curves.items():
+            print(f"[mim_refiner] k-NN (k=10) {name}: last block {accs[-1]:.2f}%, best block "
+                  f"{max(range(len(accs)), key=accs.__getitem__)} {max(accs):.2f}% | per block: "
+                  + " ".join(f"{a:.1f}" for a in accs))
+        print(f"[mim_refiner] raw pixels k-NN (k=10): {pixels:.2f}%  (for scale)", flush=True)
+    return curves
+
+
+def main(argv=None):
+    from common import data, engine
+    args = get_args(argv)
+    if args.batch_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        args.batch_size = max(1, args.global_batch_default // world_size)
+    if args.accum_iter != 1:
+        raise SystemExit(f"--accum_iter {args.accum_iter}: the heads' BatchNorm makes the loss depend on the batch, "
+                         "so MIM-Refiner does not accumulate; save memory with --freeze_blocks, --head_blocks or "
+                         "--grad_checkpointing instead.")
+    dist = engine.setup(args)
+    encoder, model_state = load_start(args)
+    if args.local_size % encoder.patch_size:
+        raise SystemExit(f"--local_size {args.local_size} is not a multiple of the patch size {encoder.patch_size}; "
+                         "pick a multiple (the paper: 96 for /16 models, 98 for /14).")
+    head_blocks = (parse_head_blocks(args.head_blocks, encoder.depth) if args.head_blocks
+                   else default_head_blocks(args.model, encoder.depth))
+    if args.compile:
+        for block in encoder.blocks:              # in place: state-dict names stay timm's
+            block.compile()
+    refiner = Refiner(encoder, head_blocks, 2, args.proj_hidden_dim, args.out_dim, args.pred_hidden_dim,
+                      args.queue_size, args.temperature, args.clean_local_indexing, args.grad_checkpointing)
+    if model_state is not None:
+        refiner.load_state_dict(model_state)
+        print("[mim_refiner] heads and queues from the init-stage checkpoint")
+    elif args.stage == "refine":
+        print("[mim_refiner] WARNING: --stage refine without an init-stage checkpoint: the heads start random "
+              "(the paper first trains them on the frozen encoder, --stage init)")
+    refiner = sync_batchnorm(refiner.to(dist.device), dist.device)
+    initial_encoder = copy.deepcopy(refiner.encoder).cpu()
+    builtin = {"n_per_class": args.n_per_class[0]} if args.n_per_class else {}
+    train_set = data.build_dataset(args.data, "train", data.multicrop(args.img_size, args.local_size, args.n_local),
+                                   seed=args.seed, **builtin)
+    loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
+                               seed=args.seed)
+
+    if args.stage in ("both", "init"):
+        run_stage("init", args, refiner, loader, dist)
+    ema = None
+    if args.stage in ("both", "refine"):
+        for p in refiner.encoder.parameters():
+            p.requires_grad_(p is not refiner.encoder.pos_embed)
+        ema = engine.EMA(refiner.encoder, args.ema_decay)
+        run_stage("refine", args, refiner, loader, dist, ema)
+
+    if not args.no_eval:
+        final = ema.module if ema is not None else refiner.encoder
+        knn_evaluation({"start (--ckpt)": initial_encoder.to(dist.device),
+                        "refined (EMA)" if ema is not None else "after init (encoder unchanged)": final}, args, dist)
+    engine.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -129,3 +129,157 @@ def test_queue_lookup_excludes_the_sample_itself_and_samples_from_the_top_k():
     assert torch.equal(neighbour[0], queue.entries[1])
     picks = {queue.nearest(query, torch.tensor([0]), topk=3)[1].item() for _ in range(60)}
     assert picks == {1, 2, 3}
+
+
+def tiny_refiner(head_blocks=("final", 2), queue_size=32):
+    torch.manual_seed(0)
+    return mr.Refiner(create_vit("vit_micro"), list(head_blocks), hidden_dim=32, out_dim=16, pred_hidden_dim=32,
+                      queue_size=queue_size, temperature=0.2)
+
+
+def multicrop_batch(batch, generator, n_local=2):
+    return ([torch.randn(batch, 3, 32, 32, generator=generator) for _ in range(2)]
+            + [torch.randn(batch, 3, 16, 16, generator=generator) for _ in range(n_local)])
+
+
+def test_multicrop_views_have_the_paper_layout_at_32_px():
+    from common import data
+    args = mr.get_args(["--model", "vit_mini"])
+    dataset = data.build_dataset(None, "train", data.multicrop(args.img_size, args.local_size, args.n_local),
+                                 n_per_class=1)
+    views, label, index = dataset[3]
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * args.n_local
+    paper = mr.get_args(["--model", "vit_h"])
+    assert (paper.img_size, paper.local_size, paper.n_local, paper.temperature) == (224, 98, 10, 0.3)
+    assert mr.get_args(["--model", "vit_l"]).local_size == 96
+
+
+def test_loss_falls_on_a_fixed_batch():
+    refiner = tiny_refiner()
+    optimizer = torch.optim.AdamW(refiner.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    views, ids = multicrop_batch(16, generator), torch.arange(16)
+    losses = []
+    for _ in range(20):
+        loss, metrics = refiner(views, ids, ids % 4, topk=1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
+    assert set(metrics) == {"loss/final", "loss/block2", "nn_acc"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two processes (torchrun, gloo) against one process with the whole batch
+# ---------------------------------------------------------------------------------------------------------
+STEPS, PER_RANK = 3, 4
+
+
+def run_steps(rank, world):
+    """STEPS steps on the same global batches of 2 * PER_RANK samples (this rank takes its rows), heads with
+    synchronised BN, DDP. Returns the global mean losses, the first step's gradients and the final queues."""
+    import torch.distributed as dist
+    from common.engine import Dist
+    refiner = mr.sync_batchnorm(tiny_refiner(queue_size=20), torch.device("cpu"))
+    model = mr.make_ddp(refiner, Dist(rank, world), find_unused=False)
+    optimizer = torch.optim.SGD(refiner.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK) if world > 1 else slice(None)
+    losses, first_grads = [], None
+    for _ in range(STEPS):
+        views = [v[rows] for v in multicrop_batch(2 * PER_RANK, generator)]
+        ids = torch.arange(2 * PER_RANK)[rows]           # the same ids every step: self-exclusion matters
+        loss, _ = model(views, ids, ids % 3, 1)
+        loss.backward()
+        value = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        losses.append(value.item())
+        if first_grads is None:
+            first_grads = {n: p.grad.clone() for n, p in refiner.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad()
+    queues = {k: v.clone() for k, v in refiner.queues.state_dict().items()}
+    return dict(losses=losses, grads=first_grads, queues=queues)
+
+
+def _worker(out_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    torch.save(run_steps(dist.get_rank(), dist.get_world_size()), os.path.join(out_dir, f"rank{dist.get_rank()}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.abspath(__file__), str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = run_steps(0, 1)
+    for key, value in single["queues"].items():          # identical queues on both ranks, equal to one process
+        assert torch.equal(ranks[0]["queues"][key], ranks[1]["queues"][key]), key
+        assert torch.allclose(ranks[0]["queues"][key].float(), value.float(), atol=1e-5), key
+    assert (single["queues"]["final.ids"] >= 0).sum() == STEPS * 2 * PER_RANK - 4   # 24 writes wrapped on 20 slots
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert set(ranks[0]["grads"]) == set(single["grads"])
+    for name, grad in single["grads"].items():           # DDP-averaged gradients equal the one-process gradient
+        error = (ranks[0]["grads"][name] - grad).abs().max()      # float32 sums in another order: relative to
+        assert error <= 1e-5 * grad.abs().max() + 1e-7, name     # the tensor's scale, not per element
+        assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI end to end
+# ---------------------------------------------------------------------------------------------------------
+def test_cli_init_then_refine_writes_a_loadable_checkpoint(tmp_path):
+    import json
+    from common.checkpoints import build_vit_from_checkpoint, save_checkpoint
+    from common.vit import vit_config
+    torch.manual_seed(0)
+    vit = create_vit("vit_micro")
+    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(), "vit": vit_config(vit)})
+    run = tmp_path / "run"
+    common = ["--model", "vit_micro", "--n_per_class", "8", "4", "--batch_size", "8", "--queue_size", "32",
+              "--head_blocks", "final,2", "--init_epochs", "1", "--epochs", "2", "--log_every", "1"]
+    mr.main(common + ["--ckpt", str(tmp_path / "mae.pth"), "--output_dir", str(run)])
+
+    init_ckpt = torch.load(run / "init" / "checkpoint-last.pth", weights_only=True)
+    refined = torch.load(run / "checkpoint-last.pth", weights_only=True)
+    assert (init_ckpt["step"], refined["step"]) == (10, 20)               # 80 images / 8 per step
+    for key, value in vit.state_dict().items():
+        assert torch.equal(init_ckpt["encoder"][key], value), key         # the init stage leaves the encoder alone
+        if key.startswith("blocks.3.") and key.endswith("weight"):
+            assert not torch.equal(refined["encoder"][key], value), key       # refinement changes it
+            assert not torch.equal(refined["encoder_ema"][key], refined["encoder"][key]), key
+    assert {"heads.final.predictor.3.weight", "queues.block2.entries", "queues.final.ptr"} <= set(refined["model"])
+    loaded, _ = build_vit_from_checkpoint(str(run / "checkpoint-last.pth"), use_ema=True)
+    assert torch.equal(loaded.state_dict()["blocks.3.mlp.fc2.weight"], refined["encoder_ema"]["blocks.3.mlp.fc2.weight"])
+
+    records = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert len(records) == 20 and all(math.isfinite(r["loss"]) for r in records)
+    assert all(r["loss"] == pytest.approx(r["loss/final"] + r["loss/block2"], rel=1e-4) for r in records)
+    knn = json.load(open(run / "knn.json"))
+    assert set(knn["per_block_k10"]) == {"start (--ckpt)", "refined (EMA)"}
+    assert all(len(curve) == 4 for curve in knn["per_block_k10"].values())
+    for name in ("knn_per_block.png", "loss.png", "init/loss.png"):
+        assert (run / name).is_file(), name
+
+    # --stage refine from the init checkpoint takes the heads and queues from it
+    start, model_state = mr.load_start(mr.get_args(common + ["--ckpt", str(run / "init" / "checkpoint-last.pth")]))
+    assert torch.equal(model_state["heads.block2.projector.0.weight"], init_ckpt["model"]["heads.block2.projector.0.weight"])
+
+
+def test_cli_without_a_mae_checkpoint_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                     # no runs/mae here
+    with pytest.raises(SystemExit, match="run `python mae.py` first"):
+        mr.main(["--model", "vit_micro", "--output_dir", str(tmp_path / "run")])
+
+
+if __name__ == "__main__":          # torchrun entry of the two-process test
+    _worker(sys.argv[1])
