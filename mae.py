@@ -1,8 +1,63 @@
-"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022), https://arxiv.org/abs/2111.06377
+"""MAE: masked autoencoder pre-training of a ViT, faithful to the official implementation.
 
-Official code: facebookresearch/mae (models_mae.py, main_pretrain.py, engine_pretrain.py; PRETRAIN.md).
+Paper: He, Chen, Xie, Li, Dollar, Girshick, "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
+https://arxiv.org/abs/2111.06377. Official code: facebookresearch/mae (models_mae.py, main_pretrain.py,
+engine_pretrain.py, util/lr_sched.py, PRETRAIN.md); line-by-line notes in the reference notes, section 1.
 
-MODEL_PART_DOC
+Idea. Cut the image into patches, add each patch's position, throw away a random 75 % of them and run the
+encoder on the remaining 25 % only (plus a CLS token), which makes pre-training cheap. A light decoder gets
+the encoded visible tokens back in their places, a shared learned mask token in every removed place, adds
+its own position table, and predicts the pixels of every patch. The loss is the mean squared error on the
+removed patches only, against pixels normalised per patch by their own mean and variance ("norm-pix").
+Reconstructing most of an image from a few patches forces the encoder to learn what objects look like; the
+decoder is thrown away after pre-training, and MAE-CT / MIM-Refiner start from the encoder.
+
+    loss, pred, mask = create_mae("vit_b")(imgs, mask_ratio=0.75, noise=None)   # pred (N, L, p*p*3), mask 1 = removed
+
+Commands (run directory --output_dir, default runs/mae: checkpoint-last.pth, log.jsonl, loss.png,
+reconstructions.png, eval.jsonl, knn_per_block.png):
+    python mae.py                                                   # built-in data, vit_mini, ~10 min on 2 CPU cores
+    python mae.py --model vit_b --data /imagenet                    # one GPU: 64 x accum 64 = batch 4096
+    torchrun --nproc_per_node 8 mae.py --model vit_l --data /imagenet               # 64 x 8 GPUs x accum 8
+    torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \
+        mae.py --model vit_h --data /imagenet                       # two nodes (run on each, NODE = 0 / 1)
+    python mae.py ... --resume auto                                 # continue from <output_dir>/checkpoint-last.pth
+    python mae.py --model vit_b --ckpt mae_pretrain_vit_base_full.pth --data /imagenet   # start from official weights
+    python -m common.eval --ckpt runs/mae/checkpoint-last.pth --data /imagenet         # k-NN / probe of the encoder
+Under SLURM, `srun torchrun --nnodes $SLURM_NNODES ...` (common/engine.py init_distributed). --accum_iter is
+derived from --global_batch (4096) unless given; lr = blr x global batch / 256.
+
+Expected results (ImageNet-1K top-1, reference notes 1.9; facebookresearch/mae README, FINETUNE.md,
+PRETRAIN.md): fine-tuned after 1600 epochs ViT-B 83.6, ViT-L 85.9, ViT-H 86.9 (87.8 at 448 px); linear probe
+(PyTorch/GPU) 67.8 / 76.0 / 77.2; ViT-L after 800 epochs 85.5 fine-tuned. Cost: ViT-L 800 epochs ~42 h on
+64 V100 (PRETRAIN.md). The default CPU run: DEFAULT_RUN_RESULT
+
+What is the official method here (facebookresearch/mae at efb2a80), all defaults at --model vit_b|vit_l|vit_h:
+  - model (models_mae.py): position added before masking; per-sample masking by argsort of uniform noise,
+    len_keep = int(L (1 - 0.75)), mask 0 = kept / 1 = removed; CLS appended after masking; final LayerNorm;
+    decoder Linear(D, 512) + mask tokens unshuffled by ids_restore + fixed sin-cos table, 8 blocks of 16 heads,
+    LayerNorm eps 1e-6, Linear(512, p*p*3); norm-pix targets (unbiased variance, eps 1e-6), loss on removed
+    patches only; initialisation (xavier Linears and patch embedding, normal(0.02) CLS and mask token);
+    parameter names, so that *_full.pth and mae_visualize_*.pth load whole and mae_pretrain_*.pth (encoder
+    only) loads with the decoder left fresh (common/checkpoints.py logs it). Checked once against the
+    official models_mae.mae_vit_base_patch16 with the same random weights and noise at fp32: identical
+    loss, prediction and mask (max difference 0.0);
+  - recipe (PRETRAIN.md, main_pretrain.py): global batch 4096 (64 per GPU), blr 1.5e-4, AdamW (0.9, 0.95),
+    wd 0.05 except biases and 1-D parameters (cls/mask tokens decayed), 40 warm-up epochs then cosine to 0 per
+    iteration, 800 epochs (1600 for the released models), RandomResizedCrop(224, 0.2-1, bicubic) + flip, no
+    colour jitter, no gradient clipping, mask ratio 0.75, norm-pix on.
+What is ours:
+  - bf16 autocast on GPU by default (common/engine.py); the official run is fp16 autocast + GradScaler,
+    which `--dtype fp16` gives. The loss is computed in fp32 (as the official code's type promotion does);
+  - the CPU presets vit_micro / vit_mini (32 px, patch 4) with smaller decoders (DECODERS) and a short
+    schedule (CPU_RECIPE: 8 epochs, batch 128, blr 1.5e-3, 1 warm-up epoch), chosen to fit ten minutes;
+  - data order and augmentation are seeded per (seed, epoch, sample) so that --resume is bit-identical;
+    DDP without find_unused_parameters (every parameter gets a gradient);
+  - the checkpoint is ours (common/engine.py): 'model' holds the whole MAE under the official names, 'encoder'
+    the ViT alone; common.eval, mae_ct.py and mim_refiner.py read either;
+  - reconstructions.png puts norm-pix predictions back into pixels with each true patch's mean and std (as
+    one does to look at *_full.pth outputs); those two numbers per patch come from the hidden image, so the
+    picture is a visual aid, not a measurement.
 """
 import argparse
 import os
@@ -173,7 +228,8 @@ class EncoderWeights:
 PAPER_RECIPE = dict(epochs=800, batch_size=64, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05, accum_iter=None)
 PAPER_GLOBAL_BATCH = 4096
 # The built-in 32 px data on a 2-core CPU: our choice, sized for about ten minutes (see the docstring).
-CPU_RECIPE = dict(epochs=8, batch_size=128, blr=1.5e-3, warmup_epochs=1, weight_decay=0.05, log_every=10)
+CPU_RECIPE = dict(epochs=8, batch_size=128, blr=1.5e-3, warmup_epochs=1, weight_decay=0.05, accum_iter=None,
+                  log_every=10)
 CPU_MODELS = ("vit_micro", "vit_mini")
 
 
@@ -212,7 +268,9 @@ def get_args(argv=None):
         raise SystemExit(f"--mask_ratio {args.mask_ratio} must be in [0, 1) (official 0.75).")
     if args.n_per_class and args.data not in (None, "builtin"):
         raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
-    if args.accum_iter is None:
+    if args.accum_iter is None and args.global_batch is None:
+        args.accum_iter = 1
+    elif args.accum_iter is None:                               # before setup: torchrun's WORLD_SIZE is all we need
         per_step = args.batch_size * int(os.environ.get("WORLD_SIZE", 1))
         if args.global_batch % per_step:
             raise SystemExit(f"--global_batch {args.global_batch} is not a multiple of --batch_size x processes = "
