@@ -135,7 +135,10 @@ CASES = [
 
 @pytest.mark.parametrize("n, d, pattern, dtype", CASES, ids=lambda x: str(x).replace("torch.", ""))
 def test_matches_float64_oracle(n, d, pattern, dtype):
-    run_case(n, d, pattern, dtype)
+    # One tile shape here: on a GPU the autotuner would otherwise compile every config for every (N, d)
+    # of this list; test_tile_shapes below checks each autotune config on its own.
+    with tile_config(64, 64):
+        run_case(n, d, pattern, dtype)
 
 
 # Tile shapes: square and non-square, with loops that start off a tile boundary (groups of odd sizes).
