@@ -85,6 +85,8 @@ def get_args(argv=None):
     add("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
         help="built-in data only: images per class of the train and val splits (default 1000 200)")
     add("--eval_batch_size", type=int, default=256, help="batch size of the k-NN feature extraction")
+    add("--no_knn", action="store_true", help="skip the k-NN evaluations before and after training (on ImageNet "
+        "they read the whole train set; run `python -m common.eval --ckpt ...` later instead)")
     engine.add_common_args(parser, epochs=None, batch_size=None, blr=None, weight_decay=0.05, warmup_epochs=None)
     args = parser.parse_args(argv)
 
@@ -419,7 +421,7 @@ def main(argv=None):
     labelled = getattr(train_set, "labelled", False)
 
     def knn(name):   # k-NN of the final-norm features (the head's pooling) and of every block's CLS token
-        if not labelled:
+        if not labelled or args.no_knn:
             return None
         return evaluation.evaluate(vit, args.data, img_size, ("knn", "perblock"), out_dir=args.output_dir,
                                    tokens=args.pooling, name=name, loaders=eval_loaders, pixel_baseline=True)

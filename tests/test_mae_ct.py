@@ -158,6 +158,26 @@ def test_layerwise_lr_decay_scales():
     assert scale["cls_token"] == pytest.approx(0.65 ** (depth + 1))
 
 
+@pytest.mark.parametrize("stage", ["init", "tune"])
+def test_loss_falls_on_a_fixed_batch(stage):
+    model = tiny_model(queue_size=32)
+    model.set_stage(stage, frozen_blocks=2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    views = [torch.randn(8, 3, 32, 32, generator=generator) for _ in range(2)]
+    ids = torch.arange(8)
+    losses = []
+    for _ in range(12):
+        loss, _ = mae_ct.training_step(model, views, ids, ids % 4, 0.2, 1 if stage == "init" else 3)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.update_target(0.9)
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3, losses
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Two processes (torchrun, gloo) against one process on the concatenated batch
 # ---------------------------------------------------------------------------------------------------------
@@ -225,6 +245,59 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     for name, grad in single["grads"].items():     # DDP-averaged gradients equal the one-process gradient
         assert torch.allclose(ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-5), name
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CLI end to end
+# ---------------------------------------------------------------------------------------------------------
+def test_cli_both_stages_then_tune_from_the_init_checkpoint(tmp_path):
+    import json
+    from common.checkpoints import build_vit_from_checkpoint, save_checkpoint
+    from common.vit import vit_config
+    torch.manual_seed(0)
+    vit = create_vit("vit_micro")
+    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(),
+                                           "vit": vit_config(vit)})
+    run = tmp_path / "run"
+    common = ["--model", "vit_micro", "--n_per_class", "8", "4", "--batch_size", "16", "--queue_size", "64",
+              "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16", "--init_epochs", "2", "--epochs", "2",
+              "--log_every", "1", "--eval_batch_size", "40"]
+    mae_ct.main(common + ["--ckpt", str(tmp_path / "mae.pth"), "--output_dir", str(run)])
+
+    init_ckpt = torch.load(run / "init" / "checkpoint-last.pth", weights_only=True)
+    tune_ckpt = torch.load(run / "tune" / "checkpoint-last.pth", weights_only=True)
+    assert init_ckpt["step"] == tune_ckpt["step"] == 2 * 80 // 16
+    # the init stage leaves the encoder as loaded; the tune stage changes only the unfrozen upper half
+    for key, value in vit.state_dict().items():
+        assert torch.equal(init_ckpt["encoder"][key], value), key
+        changed = not torch.equal(tune_ckpt["encoder"][key], value)
+        assert changed == (key.startswith(("blocks.2.", "blocks.3.", "norm."))), key
+    for key in ("queue", "queue_ids", "queue_ptr", "target_projector.0.weight", "predictor.3.weight"):
+        assert key in tune_ckpt["model"], key
+    assert (tune_ckpt["model"]["queue_ids"] >= 0).all()           # 10 steps x 16 rows filled all 64 slots
+    assert "encoder_ema" in tune_ckpt
+    loaded, _ = build_vit_from_checkpoint(str(run / "tune" / "checkpoint-last.pth"))
+    assert torch.equal(loaded.state_dict()["blocks.3.mlp.fc2.weight"], tune_ckpt["encoder"]["blocks.3.mlp.fc2.weight"])
+
+    records = [json.loads(line) for line in open(run / "tune" / "log.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
+    assert all(0.0 <= r["nn_accuracy"] <= 1.0 for r in records if "nn_accuracy" in r)
+    summary = records[-1]
+    assert set(summary["knn_before"]) == {"10", "20"} and len(summary["perblock_after"]) == 4
+    for name in ("knn_per_block.png", "eval.jsonl", "init/loss.png", "tune/loss.png"):
+        assert (run / name).is_file(), name
+
+    # --stage tune from the init checkpoint: encoder, head and queue come from it
+    mae_ct.main(common + ["--stage", "tune", "--ckpt", str(run / "init" / "checkpoint-last.pth"),
+                          "--output_dir", str(tmp_path / "run2"), "--max_steps", "1", "--no_knn"])
+    assert (tmp_path / "run2" / "tune" / "checkpoint-last.pth").is_file()
+
+
+def test_cli_without_a_mae_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                                   # no runs/mae here
+    with pytest.raises(SystemExit, match="run `python mae.py` first"):
+        mae_ct.main(["--model", "vit_micro", "--output_dir", str(tmp_path / "run")])
 
 
 if __name__ == "__main__":          # torchrun entry of the two-process test
