@@ -27,8 +27,19 @@ no official code fixes is a keyword argument with its default said here.
   code: our choice, as are 10 k-means++ restarts), ACC after Hungarian matching
   (scipy.optimize.linear_sum_assignment), NMI and ARI from sklearn.
 
-All accuracies, ACC, NMI and ARI are percentages. The driver (`evaluate`, the `python -m common.eval` CLI)
-and the pictures are in the second half of this file and in common/plots.py.
+All accuracies, ACC, NMI and ARI are percentages. Features are extracted once per (checkpoint file + mtime +
+size, data, resolution, token options), cached on disk and reused by every protocol. Results: a short table
+on stdout and one JSON line per evaluation appended to eval.jsonl (next to the checkpoint by default).
+
+    python -m common.eval --ckpt runs/mae/checkpoint.pth --protocol all --plots       # built-in data
+    python -m common.eval --ckpt mae_pretrain_vit_large.pth --data /imagenet --protocol knn
+    python -m common.eval --ckpt refined.th --data /imagenet --ema --no_final_norm --standardize   # MIM-Refiner k-NN
+    python -m common.eval --ckpt pixels --protocol all                                # raw pixels, for scale
+    python -m common.eval --ckpt a.pth --ckpt b.pth --protocol perblock --plots --out_dir cmp   # one curve each
+    torchrun --nproc_per_node 8 -m common.eval --ckpt ... --data /imagenet            # sharded extraction
+
+Training scripts call `evaluate(vit, data, img_size, protocols, out_dir=...)` at the end. Pictures
+(per-block curve, t-SNE, CLS attention) are drawn by common/plots.py.
 """
 import argparse
 import hashlib
@@ -44,10 +55,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
+from common.plots import plot_attention, plot_embedding, plot_per_block  # noqa: F401  (re-exported for scripts)
+
 PROBE_BASE_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.3, 0.5)
 """MIM-Refiner's probe grid, written {1e-4, 2e-4, 5e-4, 1e-3, ..., 0.3, 0.5} in the reference notes; the
 middle is filled in the same 1-2-5 steps (DINOv2's grid pattern)."""
 TOKEN_CHOICES = ("cls", "mean", "cls+mean")
+PROBE_FEATURE_GRID = (("cls", None), ("cls+mean", None), ("cls", (-4, -3, -2, -1)), ("cls+mean", (-4, -3, -2, -1)))
+"""MIM-Refiner's probe features (pooling in {cls, cls + mean patch} x {last block, last 4 blocks}). The last
+block follows --no_final_norm; the last 4 blocks are raw block outputs (our choice: the reference notes do
+not say whether the final norm is applied to each)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -330,8 +347,8 @@ def linear_probe(train_x, train_y, test_x, test_y, base_lrs=PROBE_BASE_LRS, epoc
             step += 1
     norm.eval()
     with torch.no_grad():
-        correct = (logits_of(test_x).argmax(dim=2) == test_y.unsqueeze(1)).float().mean(dim=0) * 100
-    grid = {lr: acc for lr, acc in zip(base_lrs, correct.tolist())}
+        correct = (logits_of(test_x).argmax(dim=2) == test_y.unsqueeze(1)).sum(dim=0)   # (heads,)
+    grid = {lr: 100.0 * count / len(test_y) for lr, count in zip(base_lrs, correct.tolist())}
     best_lr = max(grid, key=grid.get)
     return {"best": grid[best_lr], "best_lr": best_lr, "grid": grid}
 
@@ -694,9 +711,12 @@ def get_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=256, help="feature extraction batch size")
     parser.add_argument("--num_workers", type=int, default=4, help="data loader workers")
     parser.add_argument("--probe_epochs", type=int, default=50, help="linear probe epochs over the cached features")
+    parser.add_argument("--probe_grid", action="store_true",
+                        help="linear probe also over MIM-Refiner's feature grid: CLS or CLS+mean patch, of the last "
+                             "block or the last 4 blocks concatenated; reports the best")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5], help="low-shot: labelled images per class")
     parser.add_argument("--lowshot_splits", type=int, default=3, help="low-shot: number of fixed splits per shot count")
-    parser.add_argument("--kmeans_n_init", type=int, default=10, help="clustering: k-means++ restarts (best inertia kept)")
+    parser.add_argument("--kmeans_n_init", type=int, default=10, help="clustering: k-means++ restarts, best inertia kept (sklearn on CPU: use 1 at ImageNet scale)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe, low-shot splits and k-means")
     parser.add_argument("--plots", action="store_true",
                         help="write knn_per_block.png, embedding.png (t-SNE) and attention.png")
@@ -761,6 +781,23 @@ def main(argv=None):
             records.append(record)
             if record.get("perblock"):
                 curves[name] = record["perblock"]
+        if args.probe_grid and vit is not None and "linear" in protocols:
+            grid = {}
+            for tokens, blocks in PROBE_FEATURE_GRID:
+                variant = f"{tokens}, " + ("last block" if blocks is None else f"last {len(blocks)} blocks (raw)")
+                result = evaluate(vit, args.data, img_size, ("linear",), tokens=tokens, blocks=blocks,
+                                  final_norm=not args.no_final_norm, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, device=device, name=f"{name} [{variant}]",
+                                  pixel_baseline=False, n_per_class=args.n_per_class, cache_dir=cache_dir,
+                                  cache_key=weights_key, log=log, probe_epochs=args.probe_epochs, seed=args.seed)
+                if result is not None:
+                    grid[variant] = {"best": result["linear"]["best"], "best_lr": result["linear"]["best_lr"]}
+            if grid:
+                best = max(grid, key=lambda v: grid[v]["best"])
+                log(f"linear probe over the feature grid: best {grid[best]['best']:.2f} with {best}")
+                append_jsonl(os.path.join(out_dir, "eval.jsonl"), dict(
+                    time=time.strftime("%Y-%m-%d %H:%M:%S"), name=name, ckpt=ckpt, ema=args.ema, data=args.data,
+                    img_size=img_size, linear_grid=grid, linear_grid_best=dict(variant=best, **grid[best])))
     if _is_main() and args.plots and several and curves:
         from common import plots
 
