@@ -1,0 +1,425 @@
+"""MimCo: masked image modeling pre-training with a frozen contrastive teacher.
+
+Paper: Zhou, Yu, Luo, Wang, Li, "MimCo: Masked Image Modeling Pre-training with Contrastive Teacher", ACM MM 2022,
+https://arxiv.org/abs/2209.03063. No official code is public; only the abstract and a third-party summary were
+readable (reference notes, section 3), so every choice beyond the contract below is a flag, listed at the end.
+
+Idea. Stage 1 trains a contrastive model (MoCo v3, or our mae_ct.py / mim_refiner.py), whose features are
+linearly separable. Stage 2 trains a fresh ViT student by masked image modeling, but instead of pixels it
+reconstructs that frozen teacher's features of the unmasked image, with two contrastive losses: at every masked
+patch the student's prediction must pick the teacher's feature of the same position out of the teacher's other
+patch features (patch-level InfoNCE), and the student's global feature of the masked image must pick the
+teacher's global feature of the same image out of the other images of the (all-gathered) batch (image-level
+InfoNCE). Total loss = patch + lambda * image. The student inherits the teacher's separability while keeping
+MIM's patch-level training signal.
+
+    model = create_mimco("vit_s", teacher_dim=384)
+    loss, parts = model(imgs, teacher_tokens)   # teacher_tokens (B, 1+L, Dt) from the frozen teacher, outside
+
+Commands (run directory --output_dir, default runs/mimco: checkpoint-last.pth, log.jsonl with loss_patch and
+loss_image, loss.png, eval.jsonl, knn_per_block.png):
+    python mae.py && python mae_ct.py && python mimco.py        # built-in data: the teacher is mae_ct.py's output
+    python mimco.py --model vit_s --data /imagenet --teacher vit-s-300ep.pth.tar      # one GPU, accum to 2048
+    torchrun --nproc_per_node 8 mimco.py --model vit_s --data /imagenet --teacher vit-s-300ep.pth.tar
+    torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \\
+        mimco.py --model vit_b --data /imagenet --teacher vit-b-300ep.pth.tar        # NODE = 0 / 1
+    python mimco.py ... --resume auto                          # continue from <output_dir>/checkpoint-last.pth
+    python -m common.eval --ckpt runs/mimco/checkpoint-last.pth --data /imagenet --protocol knn,linear
+MoCo v3 teachers: vit-s-300ep.pth.tar / vit-b-300ep.pth.tar from facebookresearch/moco-v3 CONFIG.md (their
+linear probe 73.2 / 76.7, fine-tune 81.4 / 83.2); common/checkpoints.py reads `module.base_encoder.*`.
+
+Expected results. Paper: ViT-S student, MoCo v3 ViT-S teacher, 100 epochs -> 82.53 % ImageNet-1K fine-tune
+top-1 (the one confirmed number). Cost (our estimate, not measured on GPUs): a step costs one MAE step plus a
+no-grad teacher pass on the full image, about 1.5-2x MAE's step. The default CPU run: DEFAULT_RUN_RESULT
+
+What is the paper (confirmed): two stages; a frozen contrastive teacher such as MoCo v3; a patch-level and an
+image-level reconstruction loss, both contrastive; ViT-S for 100 epochs with a MoCo v3 ViT-S teacher.
+What is ours (unconfirmed, each a flag):
+  - --layout mae (default): MAE's student, visible tokens + CLS through the encoder, a light predictor with mask
+    tokens (MAE's decoder, 512/8/16, facebookresearch/mae models_mae.py) predicts every position; the cheapest
+    student and the same as mae.py, so the two compare step for step. --layout full: BEiT/SimMIM-style, mask
+    tokens replace the removed patches in the encoder's input and the encoder output is the prediction;
+  - --mask_ratio 0.75 with --layout mae (MAE's), 0.6 with --layout full (SimMIM's); per-sample random masking;
+  - patch negatives: the teacher's other patches of the same image (--patch_negatives image), or of every image
+    of this process's batch (batch); image negatives: the teacher features of the global batch (all-gathered);
+  - --tau_patch 0.2 and --tau_image 0.2 (MoCo v3's ViT temperature, facebookresearch/moco-v3 CONFIG.md), --lambda_image 1;
+  - the teacher's features: its tokens after the final norm (--teacher_block), global feature = its CLS token
+    (--teacher_global; MoCo v3's projector is not in the file we load), fed the same augmented, unmasked view;
+  - the shared space: the teacher's own width; the student's heads (Linear on the predictor, MLP on the CLS)
+    project into it. --shared_dim projects the teacher too, but with a FIXED random orthonormal map: a trained
+    teacher-side projection could map the patch features to their positions, which the student knows from
+    its position embedding, and solve the patch loss without learning anything;
+  - the recipe (MAE's): AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4 x 2048 / 256, 10 warm-up epochs, cosine,
+    RandomResizedCrop(0.2-1) + flip, 100 epochs for every size; bf16 autocast on GPU;
+  - the CPU preset vit_mini: mae.py's recipe and predictor (8 epochs, batch 128, blr 1.5e-3), so both runs take
+    the same number of steps; the teacher defaults to runs/mae_ct's (or runs/mim_refiner's) checkpoint.
+"""
+import argparse
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import engine
+from common.vit import PRESETS, Block, create_vit, get_2d_sincos_pos_embed
+
+# Predictor of --layout mae per preset: (dim, depth, heads). vit_s/b/l/h: MAE's decoder (facebookresearch/mae
+# models_mae.py dec512d8b); vit_mini / vit_micro: mae.py's CPU decoders, so that MAE and MimCo compare fairly.
+PREDICTORS = {"vit_micro": (32, 1, 2), "vit_mini": (128, 2, 4)}
+HEAD_HIDDEN = {"vit_micro": 64, "vit_mini": 512}       # image head hidden width; 2048 otherwise (our choice)
+MASK_RATIO = {"mae": 0.75, "full": 0.6}                 # MAE's / SimMIM's ratios for the two student layouts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masking and the two contrastive losses
+# ----------------------------------------------------------------------------------------------------------
+def random_masking(batch, num_patches, mask_ratio, device, noise=None):
+    """Per-sample masking by argsort of uniform noise, MAE's convention (small noise = kept).
+
+    -> ids_keep (B, len_keep), ids_masked (B, M) in shuffled order, ids_restore (B, L), mask (B, L) 1 = removed,
+    with len_keep = int(L (1 - mask_ratio)) and M = L - len_keep, the same for every image.
+    """
+    len_keep = int(num_patches * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch, num_patches, device=device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(batch, num_patches, device=device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_shuffle[:, :len_keep], ids_shuffle[:, len_keep:], ids_restore, mask
+
+
+def patch_infonce(pred, teacher_patches, ids_masked, tau, negatives="image"):
+    """Patch-level InfoNCE. pred (B, M, C): the student's predictions at the masked positions ids_masked (B, M);
+    teacher_patches (B, L, C). For masked position i of image b, with cosine similarities:
+        loss = -log exp(cos(pred_bi, t_b,i) / tau) / sum_{(b', j) in N} exp(cos(pred_bi, t_b',j) / tau),
+    N = all L teacher patches of image b ('image') or of every image of the batch ('batch'). Mean over the
+    B x M masked positions. Returns (loss, share of positions whose positive is the most similar key)."""
+    B, M, _ = pred.shape
+    L = teacher_patches.shape[1]
+    pred = F.normalize(pred.float(), dim=-1)
+    keys = F.normalize(teacher_patches.float(), dim=-1)
+    if negatives == "image":
+        logits = torch.einsum("bmc,blc->bml", pred, keys).reshape(B * M, L) / tau     # (B*M, L)
+        target = ids_masked.reshape(-1)
+    elif negatives == "batch":
+        logits = pred.reshape(B * M, -1) @ keys.reshape(B * L, -1).T / tau             # (B*M, B*L)
+        target = (ids_masked + L * torch.arange(B, device=pred.device)[:, None]).reshape(-1)
+    else:
+        raise ValueError(f"patch negatives {negatives!r} is not 'image' or 'batch'.")
+    accuracy = (logits.argmax(dim=1) == target).float().mean()
+    return F.cross_entropy(logits, target), accuracy
+
+
+def image_infonce(student_global, teacher_global, tau):
+    """Image-level InfoNCE. student_global, teacher_global (B, C): this process's images. The teacher features
+    of every process are gathered (no gradient: the teacher is frozen), so image i of rank r has the loss
+        -log exp(cos(s_i, t_i) / tau) / sum_k exp(cos(s_i, t_k) / tau)  over all world x B teacher features,
+    its positive at column r * B + i. Mean over this rank's images; the mean over ranks equals the loss of one
+    process on the whole batch. Returns (loss, top-1 accuracy of the positive)."""
+    queries = F.normalize(student_global.float(), dim=-1)
+    keys = engine.all_gather(F.normalize(teacher_global.float(), dim=-1))          # (world * B, C)
+    logits = queries @ keys.T / tau
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    target = torch.arange(len(queries), device=queries.device) + rank * len(queries)
+    return F.cross_entropy(logits, target), (logits.argmax(dim=1) == target).float().mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The student: encoder + predictor + heads (the teacher stays outside this module)
+# ----------------------------------------------------------------------------------------------------------
+class MimCo(nn.Module):
+    """The student ViT (`encoder.*`, timm names), its predictor (--layout mae) and the two heads.
+
+    forward(imgs (B, 3, H, W), teacher_tokens (B, 1+L, Dt), noise=None) -> (loss, parts): parts holds the
+    detached loss_patch, loss_image, acc_patch, acc_image. teacher_tokens come from the frozen teacher run on
+    the same, unmasked images; the module never holds the teacher, so neither DDP, the optimizer nor the
+    checkpoint's 'model' entry contain it.
+    """
+
+    def __init__(self, encoder, teacher_dim, layout="mae", predictor=(512, 8, 16), mask_ratio=None,
+                 shared_dim=None, head_hidden=2048, tau_patch=0.2, tau_image=0.2, lambda_image=1.0,
+                 patch_negatives="image", student_global="cls", teacher_global="cls"):
+        super().__init__()
+        if layout not in MASK_RATIO:
+            raise ValueError(f"layout {layout!r} is not 'mae' or 'full'.")
+        self.encoder, self.layout = encoder, layout
+        self.mask_ratio = MASK_RATIO[layout] if mask_ratio is None else mask_ratio
+        self.tau_patch, self.tau_image, self.lambda_image = tau_patch, tau_image, lambda_image
+        self.patch_negatives, self.student_global, self.teacher_global = patch_negatives, student_global, teacher_global
+        D, L = encoder.embed_dim, encoder.num_patches
+        shared = shared_dim or teacher_dim
+        if layout == "mae":            # MAE's decoder as the predictor (models_mae.py names with predictor_)
+            dim, depth, heads = predictor
+            self.predictor_embed = nn.Linear(D, dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.predictor_pos_embed = nn.Parameter(torch.from_numpy(
+                get_2d_sincos_pos_embed(dim, encoder.grid_size, cls_token=True)).unsqueeze(0), requires_grad=False)
+            self.predictor_blocks = nn.ModuleList(Block(dim, heads, 4.0, norm_eps=1e-6) for _ in range(depth))
+            self.predictor_norm = nn.LayerNorm(dim, eps=1e-6)
+        else:                          # BEiT/SimMIM: a learned mask token in the encoder's input space
+            dim = D
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.patch_head = nn.Linear(dim, shared)
+        self.image_head = nn.Sequential(nn.Linear(D, head_hidden), nn.GELU(), nn.Linear(head_hidden, shared))
+        # Teacher side: identity, or a fixed random orthonormal map into --shared_dim (never trained, see docstring).
+        if shared_dim and shared_dim != teacher_dim:
+            basis = torch.randn(max(teacher_dim, shared), min(teacher_dim, shared),
+                                generator=torch.Generator().manual_seed(0))
+            q = torch.linalg.qr(basis).Q                                   # orthonormal columns
+            self.register_buffer("teacher_proj", q if teacher_dim >= shared else q.T)   # (Dt, shared)
+        else:
+            self.teacher_proj = None
+        for name, child in self.named_children():
+            for m in child.modules() if name != "encoder" else []:
+                if isinstance(m, nn.Linear):      # MAE's init of the new parts: xavier Linears, zero biases
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_student(self, imgs, noise=None):
+        """imgs (B, 3, H, W) -> patch predictions at the masked positions (B, M, C), global (B, C), ids_masked (B, M)."""
+        vit = self.encoder
+        B, L = imgs.shape[0], vit.num_patches
+        ids_keep, ids_masked, ids_restore, mask = random_masking(B, L, self.mask_ratio, imgs.device, noise)
+        if self.layout == "mae":
+            x = vit.embed(imgs)                                            # position added before masking (MAE)
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x, _ = vit.run_blocks(vit.add_cls(x))
+            latent = vit.norm(x)                                           # (B, 1+len_keep, D)
+            y = self.predictor_embed(latent)
+            fill = self.mask_token.to(y.dtype).expand(B, L + 1 - y.shape[1], -1)
+            y_ = torch.cat([y[:, 1:], fill], dim=1)                        # shuffled order, no CLS
+            y_ = torch.gather(y_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+            y = torch.cat([y[:, :1], y_], dim=1) + self.predictor_pos_embed.to(y.dtype)
+            for block in self.predictor_blocks:
+                y = block(y)
+            patch_out = self.predictor_norm(y)[:, 1:]                      # (B, L, dim)
+            global_in = latent[:, 0] if self.student_global == "cls" else latent[:, 1:].mean(dim=1)
+        else:
+            tokens = vit.patch_embed(imgs)
+            m = mask.unsqueeze(-1).to(tokens.dtype)
+            tokens = tokens * (1 - m) + self.mask_token.to(tokens.dtype) * m   # BEiT: replace, then add position
+            tokens = tokens + vit.patch_pos_embed(vit.grid_size).to(tokens.dtype)
+            x, _ = vit.run_blocks(vit.add_cls(tokens))
+            latent = vit.norm(x)                                           # (B, 1+L, D)
+            patch_out = latent[:, 1:]
+            global_in = latent[:, 0] if self.student_global == "cls" else \
+                (latent[:, 1:] * (1 - m)).sum(1) / (1 - m).sum(1)          # mean of the visible patches
+        masked_out = torch.gather(patch_out, 1, ids_masked.unsqueeze(-1).expand(-1, -1, patch_out.shape[-1]))
+        return self.patch_head(masked_out), self.image_head(global_in), ids_masked
+
+    def teacher_targets(self, teacher_tokens):
+        """teacher_tokens (B, 1+L, Dt) -> patch targets (B, L, C), global target (B, C), in the shared space."""
+        tokens = teacher_tokens.float()
+        if self.teacher_proj is not None:
+            tokens = tokens @ self.teacher_proj
+        glob = tokens[:, 0] if self.teacher_global == "cls" else tokens[:, 1:].mean(dim=1)
+        return tokens[:, 1:], glob
+
+    def forward(self, imgs, teacher_tokens, noise=None):
+        if teacher_tokens.shape[1] != 1 + self.encoder.num_patches:
+            raise ValueError(f"teacher_tokens has {teacher_tokens.shape[1]} tokens, the student 1 + "
+                             f"{self.encoder.num_patches}; the teacher must see the same grid of patches.")
+        pred, student_global, ids_masked = self.forward_student(imgs, noise)
+        teacher_patches, teacher_global = self.teacher_targets(teacher_tokens.detach())
+        loss_patch, acc_patch = patch_infonce(pred, teacher_patches, ids_masked, self.tau_patch, self.patch_negatives)
+        loss_image, acc_image = image_infonce(student_global, teacher_global, self.tau_image)
+        loss = loss_patch + self.lambda_image * loss_image
+        parts = dict(loss_patch=loss_patch.detach(), loss_image=loss_image.detach(),
+                     acc_patch=acc_patch, acc_image=acc_image)
+        return loss, parts
+
+
+def create_mimco(name="vit_s", teacher_dim=None, predictor=None, img_size=None, **kwargs):
+    """MimCo student on a preset ViT (common.vit.PRESETS). teacher_dim defaults to the student's width;
+    predictor = (dim, depth, heads) overrides PREDICTORS (MAE's 512/8/16 for the paper sizes); kwargs go to MimCo."""
+    encoder = create_vit(name, **({"img_size": img_size} if img_size else {}))
+    kwargs.setdefault("head_hidden", HEAD_HIDDEN.get(name, 2048))
+    return MimCo(encoder, teacher_dim or encoder.embed_dim, predictor=predictor or PREDICTORS.get(name, (512, 8, 16)),
+                 **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The teacher: any checkpoint common/checkpoints.py reads, frozen, eval mode, never in the optimizer
+# ----------------------------------------------------------------------------------------------------------
+DEFAULT_TEACHERS = [os.path.join("runs", "mae_ct", "tune", "checkpoint-last.pth"),
+                    os.path.join("runs", "mae_ct", "checkpoint-last.pth"),
+                    os.path.join("runs", "mim_refiner", "checkpoint-last.pth")]
+
+
+def load_teacher(spec, student, use_ema=False, log=print):
+    """spec: a checkpoint path/URL, 'random' (smoke tests) or None (the CPU default: the first existing file of
+    DEFAULT_TEACHERS). Returns a frozen ViT in eval mode at the student's resolution (the position table is
+    interpolated when the file's grid differs)."""
+    if spec is None:
+        found = [p for p in DEFAULT_TEACHERS if os.path.isfile(p)]
+        if not found:
+            raise SystemExit(f"no --teacher given and none of {', '.join(DEFAULT_TEACHERS)} exists; run "
+                             "`python mae.py && python mae_ct.py` first, or pass --teacher PATH (e.g. MoCo v3's "
+                             "vit-s-300ep.pth.tar).")
+        spec = found[0]
+    if spec == "random":
+        log("[mimco] WARNING: --teacher random is a random frozen ViT: the student learns nothing useful (smoke tests)")
+        teacher = create_vit(getattr(student, "preset", "vit_b"), img_size=student.img_size)
+    else:
+        from common.checkpoints import CheckpointError, build_vit_from_checkpoint
+        try:
+            teacher, info = build_vit_from_checkpoint(spec, use_ema=use_ema, img_size=student.img_size)
+        except CheckpointError as e:
+            raise SystemExit(f"--teacher: {e}") from None
+        log(f"[mimco] teacher {spec} ({info['format']}): width {teacher.embed_dim}, depth {teacher.depth}, "
+            f"{teacher.num_heads} heads, patch {teacher.patch_size}")
+    if teacher.patch_size != student.patch_size:
+        raise SystemExit(f"--teacher {spec} has patch size {teacher.patch_size} but the student {student.patch_size}; "
+                         "the patch loss pairs positions, so use a teacher with the student's patch size.")
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def teacher_tokens(teacher, imgs, block=None):
+    """The frozen teacher on the unmasked images: (B, 1+L, Dt) after its final norm, or the raw output of
+    `block` (negative counts from the end)."""
+    if block is None:
+        return teacher.forward_features(imgs)
+    _, outputs = teacher.forward_intermediates(imgs, [block])
+    return outputs[block % teacher.depth]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+# GPU recipe (ours, unconfirmed except 100 epochs for ViT-S): MAE's optimizer and schedule at BEiT's batch 2048.
+PAPER_RECIPE = dict(epochs=100, batch_size=128, blr=1.5e-4, warmup_epochs=10, weight_decay=0.05, accum_iter=None)
+PAPER_GLOBAL_BATCH = 2048
+CPU_RECIPE = dict(epochs=8, batch_size=128, blr=1.5e-3, warmup_epochs=1, weight_decay=0.05, accum_iter=None,
+                  log_every=10)                          # mae.py's CPU recipe: the same steps as `python mae.py`
+CPU_MODELS = ("vit_micro", "vit_mini")
+
+
+def get_args(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="vit_mini")
+    model_name = pre.parse_known_args(argv)[0].model
+    if model_name not in PRESETS:
+        raise SystemExit(f"--model {model_name!r} is not a ViT preset; choose one of {', '.join(PRESETS)}.")
+    cpu = model_name in CPU_MODELS
+    parser = argparse.ArgumentParser(description="MimCo: MIM with a frozen contrastive teacher (see the docstring).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--model", default="vit_mini", help="student ViT preset: vit_micro / vit_mini for 32 px CPU runs, vit_s "
+        "(the paper's) / vit_b with the GPU recipe")
+    engine.add_common_args(parser, **(CPU_RECIPE if cpu else PAPER_RECIPE))
+    add("--global_batch", type=int, default=None if cpu else PAPER_GLOBAL_BATCH, help="when --accum_iter is not "
+        "given, it is set to global_batch / (batch_size x processes)")
+    add("--img_size", type=int, default=None, help="training resolution (default: the preset's, 32 for the CPU "
+        "presets, 224 otherwise); the teacher's position table is interpolated to it")
+    add("--teacher", default=None, help="frozen contrastive teacher: any file common/checkpoints.py reads (MoCo v3 "
+        "vit-s-300ep.pth.tar, our mae_ct.py / mim_refiner.py runs); default: runs/mae_ct's, else runs/mim_refiner's "
+        "checkpoint; 'random' = a random ViT (smoke tests)")
+    add("--teacher_ema", action="store_true", help="take the teacher from the file's EMA encoder (our checkpoints)")
+    add("--teacher_block", type=int, default=None, help="teacher features = raw output of this block (default: "
+        "the last block after the final norm)")
+    add("--teacher_global", default="cls", choices=["cls", "mean"], help="teacher global feature: CLS token or "
+        "mean of the patch tokens")
+    add("--student_global", default="cls", choices=["cls", "mean"], help="student global feature fed to the "
+        "image head: CLS token or mean of the (visible) patch tokens after the final norm")
+    add("--layout", default="mae", choices=sorted(MASK_RATIO), help="student: mae = visible tokens + predictor with "
+        "mask tokens; full = mask tokens in the encoder input (BEiT/SimMIM)")
+    add("--mask_ratio", type=float, default=None, help="fraction of patches removed (default 0.75 for mae, 0.6 for full)")
+    add("--predictor", type=int, nargs=3, default=None, metavar=("DIM", "DEPTH", "HEADS"),
+        help="predictor of --layout mae (default MAE's decoder 512 8 16; smaller for the CPU presets)")
+    add("--shared_dim", type=int, default=None, help="loss space width; default: the teacher's width (teacher "
+        "features used as they are); else the teacher is mapped by a fixed random orthonormal matrix")
+    add("--head_hidden", type=int, default=None, help="hidden width of the image head MLP (default 2048; CPU 512)")
+    add("--tau_patch", type=float, default=0.2, help="temperature of the patch-level InfoNCE")
+    add("--tau_image", type=float, default=0.2, help="temperature of the image-level InfoNCE")
+    add("--lambda_image", type=float, default=1.0, help="weight of the image-level loss: loss = patch + lambda x image")
+    add("--patch_negatives", default="image", choices=["image", "batch"], help="patch negatives: the teacher "
+        "patches of the same image, or of every image in this process's batch")
+    add("--min_crop", type=float, default=0.2, help="RandomResizedCrop scale (min_crop, 1) as MAE")
+    add("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
+        help="built-in data only: images per class in train and val (default 1000 200)")
+    add("--eval", default="knn,perblock", help="protocols of common.eval for the student at the end, or 'none'")
+    add("--eval_teacher", action=argparse.BooleanOptionalAction, default=cpu, help="also k-NN the teacher at the "
+        "end, for comparison (default on for the CPU presets)")
+    args = parser.parse_args(argv)
+    if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
+        raise SystemExit(f"--mask_ratio {args.mask_ratio} must be in (0, 1): the patch loss needs masked patches.")
+    for flag in ("tau_patch", "tau_image"):
+        if getattr(args, flag) <= 0:
+            raise SystemExit(f"--{flag} {getattr(args, flag)} must be positive (default 0.2).")
+    if args.n_per_class and args.data not in (None, "builtin"):
+        raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
+    if args.accum_iter is None and args.global_batch is None:
+        args.accum_iter = 1
+    elif args.accum_iter is None:
+        per_step = args.batch_size * int(os.environ.get("WORLD_SIZE", 1))
+        if args.global_batch % per_step:
+            raise SystemExit(f"--global_batch {args.global_batch} is not a multiple of --batch_size x processes = "
+                             f"{per_step}; change one of them or give --accum_iter.")
+        args.accum_iter = max(1, args.global_batch // per_step)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    import time
+
+    from common import data
+
+    args = get_args(argv)
+    dist = engine.setup(args)                                  # lr = blr x global batch / 256
+    log = print if dist.is_main else (lambda *a, **k: None)
+    encoder = create_vit(args.model, **({"img_size": args.img_size} if args.img_size else {}))
+    teacher = load_teacher(args.teacher, encoder, args.teacher_ema, log).to(dist.device)
+    model = MimCo(encoder, teacher.embed_dim, args.layout, args.predictor or PREDICTORS.get(args.model, (512, 8, 16)),
+                  args.mask_ratio, args.shared_dim, args.head_hidden or HEAD_HIDDEN.get(args.model, 2048),
+                  args.tau_patch, args.tau_image, args.lambda_image, args.patch_negatives, args.student_global,
+                  args.teacher_global).to(dist.device)
+    img_size = encoder.img_size[0]
+    builtin = {"n_per_class": args.n_per_class[0]} if args.n_per_class else {}
+    train_set = data.build_dataset(args.data, "train", data.mae_transform(img_size, scale=(args.min_crop, 1.0)),
+                                   seed=args.seed, **builtin)
+    loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
+                               seed=args.seed)
+    optimizer = torch.optim.AdamW(engine.param_groups(model.named_parameters(), args.weight_decay),
+                                  lr=args.lr, betas=(0.9, 0.95))
+    ddp_model = engine.wrap_ddp(model, dist)
+    trainer = engine.Trainer(args, ddp_model, optimizer, loader, dist, encoder=encoder)
+    log(f"[mimco] student {args.model} ({args.layout} layout, mask ratio {model.mask_ratio}): "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M trainable-module parameters; global batch "
+        f"{args.batch_size * dist.world_size * args.accum_iter}, {trainer.total_steps} steps", flush=True)
+    start = time.time()
+    for images, _, _ in trainer:
+        with trainer.autocast():
+            targets = teacher_tokens(teacher, images, args.teacher_block)
+            loss, parts = ddp_model(images, targets)
+        trainer.step(loss, **parts)
+    trainer.finish()
+    train_s = time.time() - start
+    log(f"[mimco] trained {trainer.global_step} steps in {train_s:.0f} s", flush=True)
+
+    if args.eval != "none":
+        from common.eval import build_eval_loaders, evaluate
+        loaders = build_eval_loaders(args.data, img_size, 256, args.num_workers, args.n_per_class)
+        student = evaluate(encoder, args.data, img_size, protocols=args.eval, out_dir=args.output_dir, plots=True,
+                           num_workers=args.num_workers, name=f"mimco {args.model}", loaders=loaders,
+                           extra={"step": trainer.global_step, "train_s": round(train_s)})
+        reference = evaluate(teacher, args.data, img_size, protocols="knn", out_dir=args.output_dir, loaders=loaders,
+                             name="mimco teacher", pixel_baseline=False) if args.eval_teacher else None
+        if dist.is_main and student and "knn" in student:
+            summary = {"knn_student": student["knn"], "pixels_knn": student.get("pixels_knn")}
+            if reference:
+                summary["knn_teacher"] = reference["knn"]
+            trainer.logger.log(trainer.global_step, trainer.epoch, **summary)
+    engine.cleanup()
+
+
+if __name__ == "__main__":
+    main()
