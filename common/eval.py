@@ -72,9 +72,12 @@ not say whether the final norm is applied to each)."""
 # ----------------------------------------------------------------------------------------------------------
 def unwrap(model):
     """The ViT inside a DDP / torch.compile wrapper (or the model itself)."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
+    while True:
+        inner = getattr(model, "module", None)
+        inner = inner if isinstance(inner, torch.nn.Module) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def parse_tokens(tokens):
@@ -149,6 +152,9 @@ def _collect(loader, featurize):
         chunks.append({key: value.float().cpu() for key, value in featurize(images).items()})
         labels.append(torch.full((len(images),), -1, dtype=torch.long) if batch_labels is None
                       else torch.as_tensor(batch_labels).long().reshape(-1))
+    if not chunks:
+        raise ValueError(f"the evaluation loader yielded no images (dataset of {len(loader.dataset)} samples); "
+                         "evaluate on a dataset with at least one image per process.")
     features = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
     labels = torch.cat(labels)
     if isinstance(getattr(loader, "sampler", None), ShardSampler) and dist.is_initialized():
@@ -271,8 +277,9 @@ def knn_accuracy(train_x, train_y, test_x, test_y, ks=(10, 20), temperature=0.07
 def per_block_knn(vit, train_loader, test_loader, tokens="cls", k=10, temperature=0.07, standardize=False,
                   device=None, dtype=None, return_features=False):
     """k-NN accuracy (%) of each block's raw output (no final norm), block 0 first: list of depth floats.
-    One forward pass per loader collects every block. return_features=True also returns the per-block
-    features and labels ({block: (train_x, test_x)}, train_y, test_y) for reuse."""
+    One forward pass per loader collects every block, so it holds depth x N x D floats in memory: at ImageNet
+    scale use a subset of the train set. return_features=True also returns the per-block features and labels
+    ({block: (train_x, test_x)}, train_y, test_y) for reuse."""
     blocks = list(range(unwrap(vit).depth))
     kwargs = dict(tokens=tokens, blocks=blocks, device=device, dtype=dtype, per_block=True)
     train_feats, train_y = extract_features(vit, train_loader, **kwargs)
@@ -670,9 +677,12 @@ def write_plots(vit, out_dir, curves, features, val_loader, baseline=None, log=p
     if curves:
         written.append(plots.plot_per_block(curves, os.path.join(out_dir, "knn_per_block.png"), baseline=baseline))
     if features is not None:
+        import importlib.util
+
+        method = "tsne" if importlib.util.find_spec("sklearn") else "pca"      # PCA needs only torch
         classes = getattr(val_loader.dataset, "classes", None) or None
         written.append(plots.plot_embedding(features["test_x"], features["test_y"],
-                                            os.path.join(out_dir, "embedding.png"), method="tsne",
+                                            os.path.join(out_dir, "embedding.png"), method=method,
                                             class_names=classes))
     if vit is not None:
         dataset = val_loader.dataset

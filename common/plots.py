@@ -47,6 +47,9 @@ def plot_per_block(curves, path, baseline=None, title="k-NN accuracy of each blo
                     ha="center", fontsize=8)
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label=f"raw pixels ({baseline:.1f})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block")
     ax.set_ylabel(ylabel or "k-NN accuracy (%)")
     ax.set_title(title)
@@ -87,7 +90,7 @@ def plot_embedding(features, labels, path, method="tsne", max_points=2000, seed=
         ax.scatter(coords[keep, 0], coords[keep, 1], s=4, color=cmap(cls % cmap.N), label=name)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title or f"{method.upper()} of {len(indices)} features")
+    ax.set_title(title or f"{'t-SNE' if method == 'tsne' else 'PCA'} of {len(indices)} features, coloured by class")
     if len(np.unique(labels)) <= 20:
         ax.legend(fontsize=7, markerscale=3, loc="best")
     return _save(fig, path)
