@@ -397,6 +397,30 @@ def run_stage(stage, args, dist, model, loader, resume):
     return trainer
 
 
+@torch.no_grad()
+def knn_report(vit, loaders, pooling):
+    """Weighted k-NN (common/eval.py: cosine, T = 0.07) of the encoder on (train, val) eval loaders ->
+    {'knn': {10, 20: %} of the head's input (pooled, after the final norm: MAE-CT's protocol, reference 1.7),
+    'perblock': [k=10 % of each block's raw CLS token], 'pixels_knn': {10, 20: %} of raw pixels for scale}.
+    One pass over the data for CLS pooling: the final LayerNorm acts per token, so norm(raw last CLS) is the
+    final CLS feature."""
+    blocks = list(range(vit.depth))
+    (train, train_y), (test, test_y) = (evaluation.extract_features(vit, loader, "cls", blocks, per_block=True)
+                                        for loader in loaders)
+
+    def knn(train_x, test_x, ks=(10, 20)):
+        return evaluation.knn_accuracy(train_x, train_y, test_x, test_y, ks=ks)
+
+    if pooling == "cls":
+        weight = vit.norm.weight
+        final = [vit.norm(x[blocks[-1]].to(weight.device, weight.dtype)).float().cpu() for x in (train, test)]
+    else:
+        final = [evaluation.extract_features(vit, loader, "mean")[0] for loader in loaders]
+    pixels = [evaluation.pixel_features(loader)[0] for loader in loaders]
+    return {"knn": knn(*final), "perblock": [knn(train[b], test[b], ks=(10,))[10] for b in blocks],
+            "pixels_knn": knn(*pixels)}
+
+
 def main(argv=None):
     args = get_args(argv)
     dist = engine.setup(args, lr_factor=2)          # args.lr = blr x 2 x global batch / 256 (encoder, tune)
@@ -420,25 +444,28 @@ def main(argv=None):
                                                  args.n_per_class)
     labelled = getattr(train_set, "labelled", False)
 
-    def knn(name):   # k-NN of the final-norm features (the head's pooling) and of every block's CLS token
+    def knn(name):
         if not labelled or args.no_knn:
             return None
-        return evaluation.evaluate(vit, args.data, img_size, ("knn", "perblock"), out_dir=args.output_dir,
-                                   tokens=args.pooling, name=name, loaders=eval_loaders, pixel_baseline=True)
+        result = knn_report(vit, eval_loaders, args.pooling)
+        if dist.is_main:
+            print(f"[mae_ct] {name}: k-NN k=10/20 {result['knn'][10]:.2f} / {result['knn'][20]:.2f} (raw pixels "
+                  f"{result['pixels_knn'][10]:.2f}); per block " + " ".join(f"{a:.1f}" for a in result["perblock"]))
+        return result
 
-    before = knn("MAE (before)")
+    before = knn("MAE encoder (before)")
     for stage, resume in resume_plan(args, stages).items():
         trainer = run_stage(stage, args, dist, model, loader, resume)
-    after = knn("MAE-CT (after)")
+    after = knn("MAE-CT encoder (after)")
     if dist.is_main and before and after:
         from common import plots
-        baseline = after.get("pixels_knn", {}).get("10")
-        path = plots.plot_per_block({before["name"]: before["perblock"], after["name"]: after["perblock"]},
-                                    os.path.join(args.output_dir, "knn_per_block.png"), baseline=baseline)
-        summary = {"knn_before": before["knn"], "knn_after": after["knn"], "pixels_knn": after.get("pixels_knn"),
+        path = plots.plot_per_block({"MAE (before)": before["perblock"], "MAE-CT (after)": after["perblock"]},
+                                    os.path.join(args.output_dir, "knn_per_block.png"),
+                                    baseline=after["pixels_knn"][10])
+        summary = {"knn_before": before["knn"], "knn_after": after["knn"], "pixels_knn": after["pixels_knn"],
                    "perblock_before": before["perblock"], "perblock_after": after["perblock"]}
         trainer.logger.log(trainer.global_step, trainer.epoch, **summary)     # the last stage's log.jsonl
-        print(f"[mae_ct] k-NN (k=10) {before['knn']['10']:.2f} -> {after['knn']['10']:.2f}; per-block plot {path}")
+        print(f"[mae_ct] k-NN (k=10) {before['knn'][10]:.2f} -> {after['knn'][10]:.2f}; per-block plot {path}")
     engine.cleanup()
 
 

@@ -2,6 +2,7 @@
 decay, a 2-process torchrun run against one process on the whole batch, and the CLI end to end."""
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -230,8 +231,15 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.abspath(__file__), str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)            # a timeout must also end torchrun's workers
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail("the 2-process run did not finish in 300 s:\n" + output[-3000:])
+    assert proc.returncode == 0, output[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     single = run_steps(0, 1)
     for r in ranks:     # the same queue on every rank, equal to the one-process queue
@@ -245,6 +253,23 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     for name, grad in single["grads"].items():     # DDP-averaged gradients equal the one-process gradient
         assert torch.allclose(ranks[0]["grads"][name], grad, rtol=1e-4, atol=1e-5), name
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
+
+
+def test_knn_report_equals_the_final_norm_protocol():
+    """The one-pass report (norm of the last block's raw CLS) gives the k-NN of common.eval's final-norm CLS."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from common import eval as evaluation
+    torch.manual_seed(0)
+    vit = create_vit("vit_micro")
+    with torch.no_grad():                      # a non-trivial final norm, so that skipping it would show
+        vit.norm.weight.uniform_(0.2, 3.0)
+        vit.norm.bias.normal_()
+    loaders = [DataLoader(TensorDataset(torch.randn(n, 3, 32, 32), torch.arange(n) % 3), batch_size=16)
+               for n in (60, 30)]
+    report = mae_ct.knn_report(vit, loaders, "cls")
+    (train_x, train_y), (test_x, test_y) = (evaluation.extract_features(vit, l, "cls") for l in loaders)
+    assert report["knn"] == evaluation.knn_accuracy(train_x, train_y, test_x, test_y, ks=(10, 20))
+    assert len(report["perblock"]) == 4 and all(0 <= a <= 100 for a in report["perblock"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,7 +310,7 @@ def test_cli_both_stages_then_tune_from_the_init_checkpoint(tmp_path):
     assert all(0.0 <= r["nn_accuracy"] <= 1.0 for r in records if "nn_accuracy" in r)
     summary = records[-1]
     assert set(summary["knn_before"]) == {"10", "20"} and len(summary["perblock_after"]) == 4
-    for name in ("knn_per_block.png", "eval.jsonl", "init/loss.png", "tune/loss.png"):
+    for name in ("knn_per_block.png", "init/loss.png", "tune/loss.png"):
         assert (run / name).is_file(), name
 
     # --stage tune from the init checkpoint: encoder, head and queue come from it
