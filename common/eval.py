@@ -46,7 +46,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
