@@ -3,12 +3,78 @@
 Lehner, Alkin, Fürst, Rumetshofer, Miklautz, Hochreiter, "Contrastive Tuning: A Little Help to Make Masked
 Autoencoders Forget", arXiv 2304.10520 (https://arxiv.org/abs/2304.10520). Official code: ml-jku/MAE-CT.
 
-DOC_PLACEHOLDER
+Idea. An MAE encoder knows a lot about images but its features do not group objects: its k-NN accuracy is low.
+MAE-CT keeps the MAE weights and tunes only the upper half of the encoder with NNCLR, a contrastive objective
+whose positives come from a queue: two augmented views of each image go through the encoder, a projector and
+a predictor; the projection of view 1 looks up its nearest neighbour in a queue of past projections (a
+different image that the model already finds similar), and the prediction of view 0 must pick that neighbour
+out among the predictions of the whole global batch (InfoNCE, temperature tau), and symmetrically. Using a
+neighbour instead of the other view pulls together *different* images of the same kind, which is what makes
+the features cluster by class. First the head is trained alone on the frozen encoder (stage "init", exact
+nearest neighbour), then the upper blocks are tuned with layer-wise LR decay, an EMA target projector and a
+neighbour drawn at random from the top-k (stage "tune").
+
+    model = MAECT(create_vit("vit_l"), pooling="cls"); model.set_stage("tune", frozen_blocks=12)
+    loss, nn_accuracy = training_step(model, [view0, view1], ids, labels, temperature=0.2, topk=20)
+    nnclr_loss(predicted (B, 256), nn (B, 256), temperature) -> scalar   # predictions gathered over ranks
+
+Commands (run directory --output_dir, default runs/mae_ct: init/ and tune/ each with checkpoint-last.pth,
+log.jsonl, loss.png, config.json; knn_per_block.png at the top; the k-NN before/after is the last log.jsonl line):
+    python mae.py && python mae_ct.py                 # built-in data, vit_mini, mae_ct part ~10 min on 2 CPU cores
+    python mae_ct.py --model vit_l --data /imagenet --ckpt mae_pretrain_vit_large.pth --batch_size 128   # one GPU
+    torchrun --nproc_per_node 8 mae_ct.py --model vit_l --data /imagenet --ckpt mae_pretrain_vit_large.pth
+    torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \
+        mae_ct.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth      # run on each node
+    python mae_ct.py ... --aug byol                   # MAE-CT_aug (BYOL augmentations, its own table row)
+    python mae_ct.py ... --stage init                 # then: --stage tune --ckpt runs/mae_ct/init/checkpoint-last.pth
+    python mae_ct.py ... --resume auto                # continue whichever stage was interrupted
+    python -m common.eval --ckpt runs/mae_ct/tune/checkpoint-last.pth --data /imagenet --protocols all
+The recipe's global batch is kept on any number of GPUs (--batch_size = 1024 / processes for B and L, 512 for H);
+one GPU cannot hold it, so the one-GPU line uses 128 (the LR follows the batch). Under SLURM use
+`srun torchrun --nnodes $SLURM_NNODES ...` (common/engine.py). `--ckpt` reads mae.py runs, the official MAE
+files and every format of common/checkpoints.py.
+
+Expected results (ImageNet-1K; ml-jku/MAE-CT README / PROBING.md, reference notes 1.8), linear probe / k-NN:
+ViT-B/16 MAE 66.7 / 51.1 -> MAE-CT 73.5 / 64.1 (MAE-CT_aug 76.9 / 73.4); ViT-L/16 75.9 / 60.6 -> 80.2 / 78.0
+(81.5 / 79.1); ViT-H/16 78.0 / 61.1 -> 81.5 / 79.4 (82.2 / 79.8); ViT-H/14 (official MAE) 77.2 / 58.9 -> 81.3 /
+79.1 (82.0 / 78.9). Cost: L/16 took "five hours on 8 A100" (arXiv v1 abstract). Default CPU run: DEFAULT_RUN
+
+What is the official method here (ml-jku/MAE-CT, reference notes 1.3-1.6), the defaults at --model vit_b|l|h:
+  - head (contrastive_head_base.py): projector D-2048-2048-256 (Linear without bias, BN, ReLU; final BN),
+    predictor 256-4096-256 (no final BN); PyTorch default init; each view through the head on its own (per-view
+    BN statistics); SyncBatchNorm under DDP; input = CLS after the final norm, mean patch token for vit_b;
+  - loss (losses/nnclr_loss.py): predictions L2-normalised and gathered over ranks with gradient, logits
+    nn_local @ P^T / tau, label rank * B + i, mean cross-entropy, symmetric over the views (nn of view 1 with
+    predictions of view 0 and vice versa); gradient only through the predictions;
+  - queue (nnclr_ema_queue_head.py): 65536 x 256 L2-normalised projections of view 0, gathered over ranks and
+    written FIFO with sample ids (own id excluded at lookup) and labels (for the logged nn_accuracy); starts
+    as random unit vectors with id -1; lookups through kernels.nn_topk;
+  - init stage: frozen encoder, online projector feeds queue and lookup, nearest neighbour, tau 0.15, 20 epochs;
+  - tune stage: EMA target projector (0.99 B/L, 0.995 H; starts as the projector; BN buffers copied), neighbour
+    uniform among the top-20 (top-10 for MAE-CT_aug B and L), stem and blocks 0 .. depth/2 - 1 frozen,
+    BEiT-style LLRD 0.65, tau 0.15 / 0.20 / 0.30 and 20 / 20 / 30 epochs for B / L / H (RECIPES for _aug);
+  - optimisation: lr = blr x 2 x global batch / 256 (the LR scaler counts both views), blr 1e-4 for encoder and
+    head (head 5e-4 for _aug), AdamW (0.9, 0.95), weight decay 0.05 encoder / 1e-5 heads, none on biases and
+    1-D parameters, linear warm-up over 20 % of the steps then cosine to 0, per step; no gradient accumulation;
+  - data: RandomResizedCrop(0.08-1, bicubic) + flip, no colour (MAE-CT); BYOL's two views (MAE-CT_aug);
+  - an encoder EMA (0.9999) kept and saved as encoder_ema.
+What is ours, or not confirmed:
+  - bf16 autocast on GPU (official: bf16 too), the loss in fp32; both views share one encoder pass and the
+    frozen blocks run without autograd (the encoder has no batch statistics, so the result is the same); the
+    official encoder also permutes the tokens at mask ratio 0, which changes nothing and is left out;
+  - the queue wraps around instead of asserting queue_size % global batch == 0; own-id rows are excluded
+    (official: similarity set to -1, the same ranking);
+  - the init stage's head and queue carry into the tune stage (the official stage 3 loads the stage-2 head;
+    whether its queue too is not confirmed); each stage has its own run directory, optimizer and schedule;
+  - whether the released MAE-CT weights are the EMA is not confirmed: we evaluate the raw encoder;
+  - k-NN: the head's input (pooled, after the final norm), k = 10 / 20, T = 0.07, on the eval transform (which
+    pooling the README's k-NN used is not confirmed); the per-block curve uses each block's raw CLS token;
+  - on CPU (gloo) BatchNorm is synchronised by CPUSyncBatchNorm (torch's SyncBatchNorm needs CUDA);
+  - vit_t / vit_s / vit_2b use vit_l's recipe; the CPU presets vit_mini / vit_micro: global batch 128, queue
+    4096, 2 + 3 epochs, blr 1e-3, encoder EMA 0.999, tau 0.15, top-20, chosen to fit ten minutes.
 """
 import argparse
-import math
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -42,8 +108,8 @@ RECIPES = {  # model: {aug: recipe of the tune stage}
 for _name in ("vit_t", "vit_s", "vit_2b"):
     RECIPES[_name] = RECIPES["vit_l"]
 # Built-in data on 2 CPU cores, ~10 minutes: a queue of 4096 (the data has 10k images, so 65536 would hold every
-# image ~6 times), 3 + 12 epochs, a 10x larger base LR than the paper's for the short schedule, EMA 0.999.
-_CPU = dict(batch=128, epochs=12, init_epochs=3, temperature=0.15, init_temperature=0.15, topk=20,
+# image ~6 times), 2 + 3 epochs, a 10x larger base LR than the paper's for the short schedule, EMA 0.999.
+_CPU = dict(batch=128, epochs=3, init_epochs=2, temperature=0.15, init_temperature=0.15, topk=20,
             target_momentum=0.99, pooling="cls", blr=1e-3, head_blr=1e-3, encoder_ema=0.999, queue_size=4096)
 RECIPES["vit_mini"] = RECIPES["vit_micro"] = {"rrc": _CPU, "byol": _CPU}
 
@@ -61,7 +127,8 @@ def get_args(argv=None):
         help="init = head on the frozen encoder; tune = contrastive tuning of the upper blocks; both = init then tune")
     add("--aug", default="rrc", choices=["rrc", "byol"],
         help="rrc = MAE-CT (RandomResizedCrop(0.08-1) + flip); byol = MAE-CT_aug (BYOL colour/blur/solarize views)")
-    add("--init_epochs", type=int, default=None, help="epochs of the init stage (paper 20)")
+    add("--init_epochs", type=int, default=None, help="epochs of the init stage (paper 20); --epochs are the tune "
+        "stage's and --blr the encoder's base LR (recipe)")
     add("--init_temperature", type=float, default=None, help="softmax temperature of the init stage (paper 0.15)")
     add("--temperature", type=float, default=None, help="softmax temperature of the tune stage (recipe)")
     add("--topk", type=int, default=None, help="tune stage: the neighbour is drawn uniformly from the top-k "
@@ -290,7 +357,7 @@ class MAECT(nn.Module):
 def training_step(model, views, ids, labels, temperature, topk):
     """One MAE-CT step up to the loss. model: MAECT or DDP(MAECT); views: [view0, view1] (B, 3, H, W);
     ids, labels (B,). Returns (loss, share of neighbours with the anchor's label). Writes view 0 to the queue."""
-    core = model.module if hasattr(model, "module") else model
+    core = engine.unwrap(model)
     predicted, projected = model(views)
     normed = [F.normalize(z.float(), dim=1) for z in projected]
     neighbours = [core.find_neighbours(z, ids, topk) for z in normed]
@@ -379,6 +446,8 @@ def run_stage(stage, args, dist, model, loader, resume):
     # rank by construction. DDP is rebuilt per stage because the set of trainable parameters changes.
     ddp_model = model if dist.world_size == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, broadcast_buffers=False)
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
     encoder_ema = engine.EMA(model.encoder, args.encoder_ema) if tuning and args.encoder_ema > 0 else None
     trainer = engine.Trainer(stage_args, ddp_model, optimizer, loader, dist, encoder=model.encoder,
                              encoder_ema=encoder_ema)
