@@ -319,6 +319,30 @@ def test_cli_both_stages_then_tune_from_the_init_checkpoint(tmp_path):
     assert (tmp_path / "run2" / "tune" / "checkpoint-last.pth").is_file()
 
 
+def test_resume_continues_the_tune_stage_bit_identically(tmp_path):
+    """Stopped at --max_steps and resumed, the run ends with the same weights, queue and target projector as
+    an uninterrupted one (the top-k draws, data order and EMA all continue where they were)."""
+    from common.checkpoints import save_checkpoint
+    from common.vit import vit_config
+    torch.manual_seed(0)
+    vit = create_vit("vit_micro")
+    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(),
+                                           "vit": vit_config(vit)})
+    common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--batch_size", "8", "--queue_size", "32",
+              "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16", "--epochs", "2", "--topk", "3",
+              "--stage", "tune", "--no_knn", "--ckpt", str(tmp_path / "mae.pth")]
+    mae_ct.main(common + ["--output_dir", str(tmp_path / "full")])
+    mae_ct.main(common + ["--output_dir", str(tmp_path / "split"), "--max_steps", "4"])
+    mae_ct.main(common + ["--output_dir", str(tmp_path / "split"), "--resume", "auto"])
+    full, split = (torch.load(tmp_path / run / "tune" / "checkpoint-last.pth", weights_only=True)
+                   for run in ("full", "split"))
+    assert full["step"] == split["step"] == 10
+    for key, value in full["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+    for key, value in full["encoder_ema"].items():
+        assert torch.equal(value, split["encoder_ema"][key]), key
+
+
 def test_cli_without_a_mae_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)                                   # no runs/mae here
     with pytest.raises(SystemExit, match="run `python mae.py` first"):
