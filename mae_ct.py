@@ -152,6 +152,8 @@ def get_args(argv=None):
     add("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
         help="built-in data only: images per class of the train and val splits (default 1000 200)")
     add("--eval_batch_size", type=int, default=256, help="batch size of the k-NN feature extraction")
+    add("--knn_max_images", type=int, default=100_000, help="run the k-NN before/after only when the train "
+        "split has at most this many images (per-block features of ImageNet do not fit in memory)")
     add("--no_knn", action="store_true", help="skip the k-NN evaluations before and after training (on ImageNet "
         "they read the whole train set; run `python -m common.eval --ckpt ...` later instead)")
     engine.add_common_args(parser, epochs=None, batch_size=None, blr=None, weight_decay=0.05, warmup_epochs=None)
@@ -477,11 +479,12 @@ def knn_report(vit, loaders, pooling):
     (train, train_y), (test, test_y) = (evaluation.extract_features(vit, loader, "cls", blocks, per_block=True)
                                         for loader in loaders)
 
+    weight = vit.norm.weight
+
     def knn(train_x, test_x, ks=(10, 20)):
-        return evaluation.knn_accuracy(train_x, train_y, test_x, test_y, ks=ks)
+        return evaluation.knn_accuracy(train_x, train_y, test_x, test_y, ks=ks, device=weight.device)
 
     if pooling == "cls":
-        weight = vit.norm.weight
         final = [vit.norm(x[blocks[-1]].to(weight.device, weight.dtype)).float().cpu() for x in (train, test)]
     else:
         final = [evaluation.extract_features(vit, loader, "mean")[0] for loader in loaders]
@@ -515,6 +518,11 @@ def main(argv=None):
 
     def knn(name):
         if not labelled or args.no_knn:
+            return None
+        if len(eval_loaders[0].dataset) > args.knn_max_images:
+            if dist.is_main:
+                print(f"[mae_ct] no k-NN {name}: the train split has {len(eval_loaders[0].dataset)} images "
+                      f"(> --knn_max_images); run `python -m common.eval --ckpt ...` on the checkpoints instead")
             return None
         result = knn_report(vit, eval_loaders, args.pooling)
         if dist.is_main:
