@@ -276,6 +276,7 @@ def load_teacher(spec, student, use_ema=False, log=print):
         raise SystemExit(f"--teacher {spec} has patch size {teacher.patch_size} but the student {student.patch_size}; "
                          "the patch loss pairs positions, so use a teacher with the student's patch size.")
     teacher.requires_grad_(False)
+    teacher.source = spec
     return teacher.eval()
 
 
@@ -378,6 +379,7 @@ def main(argv=None):
     log = print if dist.is_main else (lambda *a, **k: None)
     encoder = create_vit(args.model, **({"img_size": args.img_size} if args.img_size else {}))
     teacher = load_teacher(args.teacher, encoder, args.teacher_ema, log).to(dist.device)
+    args.teacher = teacher.source                              # the file actually used, in config.json and the ckpt
     model = MimCo(encoder, teacher.embed_dim, args.layout, args.predictor or PREDICTORS.get(args.model, (512, 8, 16)),
                   args.mask_ratio, args.shared_dim, args.head_hidden or HEAD_HIDDEN.get(args.model, 2048),
                   args.tau_patch, args.tau_image, args.lambda_image, args.patch_negatives, args.student_global,
