@@ -355,6 +355,9 @@ def get_args(argv=None):
             raise SystemExit(f"--{flag} {getattr(args, flag)} must be positive (default 0.2).")
     if args.n_per_class and args.data not in (None, "builtin"):
         raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
+    if args.teacher is None and not cpu:
+        raise SystemExit(f"--model {args.model} needs --teacher, a contrastive ViT with the same patch size "
+                         "(e.g. MoCo v3's vit-s-300ep.pth.tar from facebookresearch/moco-v3).")
     if args.accum_iter is None and args.global_batch is None:
         args.accum_iter = 1
     elif args.accum_iter is None:
