@@ -122,7 +122,7 @@ def _nn_topk_torch(queries, queue, k, query_ids, queue_ids, queue_inv, chunk_siz
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernels
 # ----------------------------------------------------------------------------------------------
 if triton is not None:
 
@@ -148,7 +148,9 @@ if triton is not None:
     @triton.jit
     def _merge_by_extraction(running, sims, wanted, n_new, col0, offs_q, slot, K: tl.constexpr):
         """n_new rounds of: take each row's largest wanted value, let it replace the row's minimum key.
-        running (BLOCK_B, KP) uint64 keys; sims (BLOCK_B, BLOCK_Q) fp32; wanted: sims above the k-th best."""
+        running (BLOCK_B, KP) uint64 keys; sims (BLOCK_B, BLOCK_Q) fp32; wanted: sims above the k-th best.
+        Values leave in descending (value, smaller column) order, so when a row has more than K wanted
+        values the K rounds offer exactly its K best."""
         candidates = tl.where(wanted, sims, float("-inf"))
         for _ in range(tl.minimum(n_new, K)):
             value, arg = tl.max(candidates, axis=1, return_indices=True, return_indices_tie_break_left=True)
@@ -163,19 +165,23 @@ if triton is not None:
     def _nn_topk_kernel(
         Queries, stride_qb, stride_qd,  # (B, D) queries, any float dtype, any strides
         Queue, stride_kq, stride_kd,  # (Q, D) queue, any float dtype, any strides
-        QueryInv, QueueInv,  # (B,), (Q,) fp32 inverse L2 norms (contiguous)
+        QueueNorm,  # (Q,) fp32, contiguous: 1/|row| when NORM_IS_INVERSE, else |row|
         QueryIds, QueueIds,  # (B,), (Q,) int64 ids (contiguous); read only when HAS_IDS
-        OutValues, OutIndices,  # (B, S, K) fp32 / int32 partial results (contiguous)
+        OutValues, OutIndices,  # K == 1: (B, S) fp32 / int64 partial results; K > 1: OutValues = (B, S, K)
+                                # int64 packed keys (bit pattern of the uint64 key), OutIndices unused
         B, NQ, D,  # sizes: batch, queue rows, feature dim
         tiles_per_split,  # BLOCK_Q tiles in each split's chunk of the queue
         K: tl.constexpr,  # number of neighbours kept per row (1..32)
         KP: tl.constexpr,  # next power of two >= K: slots of the running set
         HAS_IDS: tl.constexpr,  # exclude queue rows whose id equals the query's id
+        NORM_IS_INVERSE: tl.constexpr,  # QueueNorm holds inverse norms (given by the caller)
         DOT_DTYPE: tl.constexpr,  # dtype both tiles are cast to before tl.dot
         PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 tiles ("ieee" or "tf32")
         EXTRACT_MAX: tl.constexpr,  # top-k: use max-extraction when <= this many new values per row
         USE_TOPK: tl.constexpr,  # top-k: tl.topk available and BLOCK_Q >= KP (else extraction only)
         BLOCK_B: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,  # tile sizes
+        SINGLE_PASS: tl.constexpr,  # BLOCK_D >= D: one query tile per program, one tl.dot per queue tile
+        EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no feature mask on loads
     ):
         pid_b = tl.program_id(0)  # query tile
         split = tl.program_id(1)  # queue chunk
@@ -184,15 +190,38 @@ if triton is not None:
         row_ok = rows < B
         offs_d = tl.arange(0, BLOCK_D)
         offs_q = tl.arange(0, BLOCK_Q)
-        query_inv = tl.load(QueryInv + rows, mask=row_ok, other=0.0)
         if HAS_IDS:
             query_id = tl.load(QueryIds + rows, mask=row_ok, other=0)
         col_begin = split * tiles_per_split * BLOCK_Q
         col_end = tl.minimum(col_begin + tiles_per_split * BLOCK_Q, NQ)
 
-        # Running result. k = 1: best value and column per row. k > 1: KP packed keys per row;
-        # slots >= K hold the largest key, so they never are the minimum and never get replaced;
-        # slots < K start at the smallest key any real value can beat (-inf, column 2^32-1).
+        # Query tile and its inverse norms. Single pass: the whole (BLOCK_B, BLOCK_D) tile is loaded once
+        # and stays on chip for the program's lifetime; the loop below only streams queue tiles, so the
+        # software pipeliner (num_stages) can prefetch queue tile i+1 while tile i is multiplied.
+        if SINGLE_PASS:
+            if EVEN_D:
+                q_tile = tl.load(Queries + rows[:, None] * stride_qb + offs_d[None, :] * stride_qd,
+                                 mask=row_ok[:, None], other=0.0)
+            else:
+                q_tile = tl.load(Queries + rows[:, None] * stride_qb + offs_d[None, :] * stride_qd,
+                                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            q_float = q_tile.to(tl.float32)
+            query_sq = tl.sum(q_float * q_float, axis=1)
+            q_tile = q_tile.to(DOT_DTYPE)
+        else:  # D > BLOCK_D: one extra pass over the query rows for their norms (O(BLOCK_B * D), once)
+            query_sq = tl.zeros([BLOCK_B], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                q_part = tl.load(Queries + rows[:, None] * stride_qb + d[None, :] * stride_qd,
+                                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+                query_sq += tl.sum(q_part * q_part, axis=1)
+        query_inv = 1.0 / tl.maximum(tl.sqrt(query_sq), 1e-12)  # EPS, as F.normalize
+
+        # Running result, kept in units of <x_b, y_j> / |y_j| (the query's positive scale 1/|x_b| does
+        # not change the order within a row; it is applied once, at the end). k = 1: best value and
+        # column per row. k > 1: KP packed keys per row; slots >= K hold the largest key, so they never
+        # are the minimum and never get replaced; slots < K start at the smallest key any real value can
+        # beat (-inf, column 2^32-1).
         best_value = tl.full([BLOCK_B], float("-inf"), tl.float32)
         best_col = tl.full([BLOCK_B], -1, tl.int32)
         slot = tl.arange(0, KP)
@@ -203,31 +232,51 @@ if triton is not None:
         for col0 in range(col_begin, col_end, BLOCK_Q):
             cols = col0 + offs_q
             col_ok = cols < col_end
-            dots = tl.zeros([BLOCK_B, BLOCK_Q], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                d = d0 + offs_d
-                d_ok = d < D
-                q_tile = tl.load(Queries + rows[:, None] * stride_qb + d[None, :] * stride_qd,
-                                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                # the queue tile is loaded transposed, (BLOCK_D, BLOCK_Q), ready for q @ queue^T
-                k_tile = tl.load(Queue + cols[None, :] * stride_kq + d[:, None] * stride_kd,
-                                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-                if DOT_DTYPE == tl.float32:
-                    dots += tl.dot(q_tile.to(tl.float32), k_tile.to(tl.float32), input_precision=PRECISION)
-                else:
-                    dots += tl.dot(q_tile.to(DOT_DTYPE), k_tile.to(DOT_DTYPE))
-            # Epilogue: cosine, then -inf for the masked tail and for excluded ids.
-            queue_inv = tl.load(QueueInv + cols, mask=col_ok, other=0.0)
-            sims = dots * query_inv[:, None] * queue_inv[None, :]
-            valid = col_ok[None, :]
+            # The tile's per-column data is loaded before the matmul, so its latency hides behind it.
+            queue_norm = tl.load(QueueNorm + cols, mask=col_ok, other=1.0)
             if HAS_IDS:
                 queue_id = tl.load(QueueIds + cols, mask=col_ok, other=0)
-                valid = valid & (query_id[:, None] != queue_id[None, :])
-            sims = tl.where(valid, sims, float("-inf"))
+            if NORM_IS_INVERSE:
+                queue_inv = queue_norm
+            else:
+                queue_inv = 1.0 / tl.maximum(queue_norm, 1e-12)
+            if SINGLE_PASS:
+                # (BLOCK_Q, BLOCK_D) row-major: contiguous along D, so the loads coalesce
+                if EVEN_D:
+                    k_tile = tl.load(Queue + cols[:, None] * stride_kq + offs_d[None, :] * stride_kd,
+                                     mask=col_ok[:, None], other=0.0)
+                else:
+                    k_tile = tl.load(Queue + cols[:, None] * stride_kq + offs_d[None, :] * stride_kd,
+                                     mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                if DOT_DTYPE == tl.float32:
+                    dots = tl.dot(q_tile, tl.trans(k_tile.to(tl.float32)), input_precision=PRECISION)
+                else:
+                    dots = tl.dot(q_tile, tl.trans(k_tile.to(DOT_DTYPE)))
+            else:
+                dots = tl.zeros([BLOCK_B, BLOCK_Q], dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + offs_d
+                    d_ok = d < D
+                    q_part = tl.load(Queries + rows[:, None] * stride_qb + d[None, :] * stride_qd,
+                                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                    k_part = tl.load(Queue + cols[:, None] * stride_kq + d[None, :] * stride_kd,
+                                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                    if DOT_DTYPE == tl.float32:
+                        dots += tl.dot(q_part.to(tl.float32), tl.trans(k_part.to(tl.float32)),
+                                       input_precision=PRECISION)
+                    else:
+                        dots += tl.dot(q_part.to(DOT_DTYPE), tl.trans(k_part.to(DOT_DTYPE)))
+            # Epilogue, per column first (BLOCK_Q values): the queue's inverse norm, and -inf as an
+            # additive bias for the masked tail, so the tile costs one FMA per element.
+            col_bias = tl.where(col_ok, 0.0, float("-inf"))
+            sims = dots * queue_inv[None, :] + col_bias[None, :]
+            if HAS_IDS:
+                sims = tl.where(query_id[:, None] == queue_id[None, :], float("-inf"), sims)
 
             if K == 1:
-                tile_value, tile_arg = tl.max(sims, axis=1, return_indices=True,
-                                              return_indices_tie_break_left=True)
+                tile_value = tl.max(sims, axis=1)
+                # leftmost column holding the row max (ties go to the smaller column)
+                tile_arg = tl.min(tl.where(sims == tile_value[:, None], offs_q[None, :], BLOCK_Q), axis=1)
                 better = tile_value > best_value  # strict: an earlier (smaller) column wins ties
                 best_value = tl.where(better, tile_value, best_value)
                 best_col = tl.where(better, col0 + tile_arg, best_col)
@@ -235,30 +284,51 @@ if triton is not None:
                 # Columns only grow within a program, so a value equal to the k-th best never enters.
                 wanted = sims > threshold[:, None]
                 n_new = tl.max(tl.sum(wanted.to(tl.int32), axis=1), axis=0)
-                if n_new > 0:
-                    if USE_TOPK:
-                        if n_new > EXTRACT_MAX:
-                            tile_top = tl.topk(_pack(sims, cols[None, :]), KP, dim=1)  # (BLOCK_B, KP) descending
-                            # max(ascending, descending) holds the top KP of the union (bitonic split);
-                            # the pinned slots stay pinned, so this is the top K of set + tile.
-                            running = tl.maximum(tl.sort(running, dim=1), tile_top)
-                        else:
-                            running = _merge_by_extraction(running, sims, wanted, n_new, col0, offs_q, slot, K)
+                if n_new > 0:  # the common case after a split's first tiles: nothing to merge
+                    if USE_TOPK and n_new > EXTRACT_MAX:
+                        tile_top = tl.topk(_pack(sims, cols[None, :]), KP, dim=1)  # (BLOCK_B, KP) descending
+                        # max(ascending, descending) holds the top KP of the union (bitonic split);
+                        # the pinned slots stay pinned, so this is the top K of set + tile.
+                        running = tl.maximum(tl.sort(running, dim=1), tile_top)
                     else:
                         running = _merge_by_extraction(running, sims, wanted, n_new, col0, offs_q, slot, K)
                     threshold = _key_to_float((tl.min(running, axis=1) >> 32).to(tl.uint32))
 
-        # Partial results for (rows, split): K values and columns per row.
-        out_offset = (rows[:, None] * num_splits + split) * K
+        # Partial results for (rows, split), now scaled by the query's inverse norm.
         if K == 1:
-            tl.store(OutValues + out_offset, best_value[:, None], mask=row_ok[:, None])
-            tl.store(OutIndices + out_offset, best_col[:, None], mask=row_ok[:, None])
+            out_offset = rows * num_splits + split
+            tl.store(OutValues + out_offset, best_value * query_inv, mask=row_ok)
+            tl.store(OutIndices + out_offset, best_col.to(tl.int64), mask=row_ok)
         else:
-            values = _key_to_float((running >> 32).to(tl.uint32))
-            cols_out = (0xFFFFFFFF - (running & 0xFFFFFFFF)).to(tl.int32)  # 2^32-1-col fits int32 back
-            store_mask = row_ok[:, None] & (slot[None, :] < K)
-            tl.store(OutValues + out_offset + slot[None, :], values, mask=store_mask)
-            tl.store(OutIndices + out_offset + slot[None, :], cols_out, mask=store_mask)
+            values = _key_to_float((running >> 32).to(tl.uint32)) * query_inv[:, None]
+            keys = (_float_to_key(values).to(tl.uint64) << 32) | (running & 0xFFFFFFFF)
+            out_offset = (rows[:, None] * num_splits + split) * K + slot[None, :]
+            tl.store(OutValues + out_offset, keys.to(tl.int64, bitcast=True),
+                     mask=row_ok[:, None] & (slot[None, :] < K))
+
+    @triton.jit
+    def _merge_splits_kernel(
+        PartKeys,  # (B, C) int64: C = S*K packed keys per row (bit patterns of the uint64 keys)
+        OutValues, OutIndices,  # (B, K) fp32 / int64 final results
+        B, C,  # rows, candidates per row
+        K: tl.constexpr,  # neighbours per row
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # rows per program; next power of two >= C
+    ):
+        """Top-K of each row's S*K candidates, by K rounds of max-extraction (C is small: <= a few
+        thousand), written as sorted values and int64 indices; -inf values get index -1."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < B
+        offs_c = tl.arange(0, BLOCK_C)
+        keys = tl.load(PartKeys + rows[:, None] * C + offs_c[None, :],
+                       mask=row_ok[:, None] & (offs_c[None, :] < C), other=0).to(tl.uint64, bitcast=True)
+        for j in range(K):  # C >= K real candidates, so the padding (key 0) is never taken
+            best, arg = tl.max(keys, axis=1, return_indices=True)
+            value = _key_to_float((best >> 32).to(tl.uint32))
+            index = 0xFFFFFFFF - (best & 0xFFFFFFFF).to(tl.int64)
+            index = tl.where(value == float("-inf"), -1, index)
+            tl.store(OutValues + rows * K + j, value, mask=row_ok)
+            tl.store(OutIndices + rows * K + j, index, mask=row_ok)
+            keys = tl.where(offs_c[None, :] == arg[:, None], 0, keys)
 
 
 def _interpreting():
@@ -266,6 +336,7 @@ def _interpreting():
 
 
 _TORCH_TO_TL = {}
+_SM_COUNT = {}  # device index -> multiprocessor count (the property query is slow enough to matter per call)
 
 
 def _tl_dtype(dtype):
@@ -274,78 +345,133 @@ def _tl_dtype(dtype):
     return _TORCH_TO_TL[dtype]
 
 
-def _default_config(B, Q, D, k, device):
-    """Tile sizes, warps and split count for the GPU. Reasoned defaults (tile 128 x 128 x 64 as the
-    Triton matmul tutorial; 64-row tiles for top-k to leave registers for the running set); about
-    2 programs per SM. 8 warps: compiled ahead of time for sm_90 (bf16, 3 stages), both kernels then
-    pipeline their loads with no register spills (172 / 198 registers), while 4 warps spill.
-    [unconfirmed: timings; tune with `python -m kernels.bench nn` on the target GPU]"""
-    block_b = 128 if k == 1 else 64
-    block_b = max(16, min(block_b, triton.next_power_of_2(max(B, 1))))
-    block_q = 128
-    block_d = max(16, min(64, triton.next_power_of_2(D)))
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+def _sm_count(device):
+    if device.type != "cuda":
+        return 2
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _default_config(B, Q, D, k, dot_bytes, fp32_on_cuda_cores, device):
+    """Tile sizes, warps, stages and split count for the GPU (bf16, D <= 256, H100 in mind).
+    Every number here is reasoned, not measured for this kernel [unconfirmed until `python -m kernels.bench
+    nn` has been run on it; the sweep there covers the alternatives below].
+    - block_d = next_pow2(D) <= 256: the query tile stays on chip for the whole program and the queue
+      streams in (block_q, D) tiles, one tl.dot each. Shared memory per program = query tile +
+      num_stages queue tiles = 2 bytes * D * (block_b + num_stages * block_q).
+    - block_q = 64: compiled for sm_90, 128-wide queue tiles need 255 registers (spills) at 4 warps.
+    - top-1: block_b = 128, 8 warps (two 64-row warpgroups), 3 stages: 64 + 3 * 32 = 160 KiB, one
+      program per SM, and the copy of queue tile i+1 runs during tile i (with 2 stages Triton issues it
+      after the epilogue, so it overlaps nothing). Each queue byte read from L2 feeds 128 rows: at
+      64 rows the kernel would need ~64 B/cycle/SM of L2 bandwidth at the tensor-core peak, about twice
+      what an H100's L2 gives, so 64-row tiles cap near 40-50 % of the roofline.
+    - top-k: block_b = 64, 4 warps, 2 stages: 32 + 2 * 32 = 96 KiB and 210 registers, so two programs
+      share an SM and one's merge work (the expensive part) overlaps the other's matmul; the previous
+      kernel's H100 sweep was fastest with 64 rows and 4 warps, and fewer rows mean fewer extraction
+      rounds (a round runs while any row of the tile still has a new value).
+    - splits: about 2 programs per SM (top-1: B=1024 gives 8 x 33; top-k: 16 x 17, and >= 4 queue
+      tiles per split, since a longer chunk raises the running k-th best sooner); the previous sweep's
+      best split counts were 33 (top-1) and 16 (top-20).
+    - extract_max = 32: merge by max-extraction unless more than 32 values of a row beat its k-th best
+      (in practice only a split's first tile); the previous sweep was fastest with 32.
+    - fp32 inputs (4 bytes): 64 x 32 tiles, 2 stages (TF32: 128 KiB). Without TF32 tl.dot runs on the CUDA
+      cores and needs both operands in registers: a whole 64 x 256 fp32 query tile spills (5.5 KiB of
+      stack per thread), so that case, and D > 256, loop over 64-wide slices of D instead.
+    Under TRITON_INTERPRET=1 (CPU tests) numpy runs the programs one by one: narrow queue tiles for top-k."""
+    if dot_bytes > 2:
+        block_b, block_q, num_warps, num_stages = 64, 32, 4, 2
+    elif k == 1:
+        block_b, block_q, num_warps, num_stages = 128, 64, 8, 3
     else:
-        sms = 2
-    if _interpreting() and k > 1:  # numpy runs the programs one by one: narrow tiles extract faster
-        block_q, block_d = 32, max(16, min(32, triton.next_power_of_2(D)))
+        block_b, block_q, num_warps, num_stages = 64, 64, 4, 2
+    block_b = max(16, min(block_b, triton.next_power_of_2(max(B, 1))))
+    if block_b < 128:
+        num_warps = 4
+    block_d = max(16, triton.next_power_of_2(D))
+    if block_d > 256 or fp32_on_cuda_cores:  # a K-loop over 64-wide slices of D
+        block_d = 64
+    if _interpreting() and k > 1:
+        block_q = 32
     row_tiles = triton.cdiv(B, block_b)
-    num_splits = max(1, min(triton.cdiv(Q, block_q), triton.cdiv(2 * sms, row_tiles)))
-    return dict(block_b=block_b, block_q=block_q, block_d=block_d, num_splits=num_splits,
-                num_warps=8, num_stages=3,
-                extract_max=MAX_K if _interpreting() else 4)
+    q_tiles = triton.cdiv(Q, block_q)
+    num_splits = triton.cdiv(2 * _sm_count(device), row_tiles)
+    num_splits = min(num_splits, q_tiles if k == 1 else triton.cdiv(q_tiles, 4))
+    return dict(block_b=block_b, block_q=block_q, block_d=block_d, num_splits=max(1, num_splits),
+                num_warps=num_warps, num_stages=num_stages, extract_max=MAX_K)
 
 
-def _nn_topk_triton(queries, queue, k, query_ids, queue_ids, queue_inv, debug_poison=False, **config):
+def _nn_topk_triton(queries, queue, k, query_ids, queue_ids, queue_norms, norms_are_inverse, debug_poison=False,
+                    **config):
+    """queue_norms (Q,) fp32: inverse norms when norms_are_inverse (given by the caller), else norms."""
     if triton is None:
         raise RuntimeError("nn_topk: backend 'triton' needs the triton package; install it or use backend='torch'.")
     B, D = queries.shape
     Q = queue.shape[0]
-    cfg = _default_config(B, Q, D, k, queries.device)
-    unknown = set(config) - set(cfg)
-    if unknown:
-        raise TypeError(f"nn_topk: unknown kernel option(s) {sorted(unknown)}; known: {sorted(cfg)}.")
-    cfg.update({name: value for name, value in config.items() if value is not None})
-    block_q = cfg["block_q"]
+    device = queries.device
+    dot_dtype = torch.promote_types(queries.dtype, queue.dtype)
+    if _interpreting():
+        dot_dtype = torch.float32  # the interpreter gets bf16 wrong; fp16/bf16 products are exact in fp32
+    tf32 = queries.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    fp32_on_cuda_cores = queries.is_cuda and dot_dtype == torch.float32 and not tf32
+    cfg = _default_config(B, Q, D, k, dot_dtype.itemsize, fp32_on_cuda_cores, device)
+    if config:
+        unknown = set(config) - set(cfg)
+        if unknown:
+            raise TypeError(f"nn_topk: unknown kernel option(s) {sorted(unknown)}; known: {sorted(cfg)}.")
+        cfg.update({name: value for name, value in config.items() if value is not None})
+    block_q, block_d = cfg["block_q"], cfg["block_d"]
     # tl.topk (Triton >= 3.4) needs a tile at least KP wide; otherwise every merge is by extraction.
-    use_topk = hasattr(tl, "topk") and block_q >= triton.next_power_of_2(k)
+    kp = triton.next_power_of_2(k)
+    use_topk = hasattr(tl, "topk") and block_q >= kp
     q_tiles = triton.cdiv(Q, block_q)
     tiles_per_split = triton.cdiv(q_tiles, max(1, min(cfg["num_splits"], q_tiles)))
     num_splits = triton.cdiv(q_tiles, tiles_per_split)  # no empty split
     grid = (triton.cdiv(B, cfg["block_b"]), num_splits)
 
-    query_inv = _inverse_norms(queries)
-    shape = (B, num_splits, k)
-    if debug_poison:  # every slot must be written by the kernel: a missed one shows up as NaN / -7
-        part_values = torch.full(shape, float("nan"), dtype=torch.float32, device=queries.device)
-        part_indices = torch.full(shape, -7, dtype=torch.int32, device=queries.device)
-    else:
-        part_values = torch.empty(shape, dtype=torch.float32, device=queries.device)
-        part_indices = torch.empty(shape, dtype=torch.int32, device=queries.device)
+    if k == 1:  # (B, S) best value and column per split
+        part_values = torch.empty((B, num_splits), dtype=torch.float32, device=device)
+        part_indices = torch.empty((B, num_splits), dtype=torch.int64, device=device)
+        if debug_poison:  # every slot must be written by the kernel: a missed one shows up as NaN / -7
+            part_values.fill_(float("nan"))
+            part_indices.fill_(-7)
+    else:  # (B, S, k) packed keys; poison = key 0, which unpacks to NaN
+        part_values = torch.empty((B, num_splits, k), dtype=torch.int64, device=device)
+        part_indices = part_values  # unused by the kernel
+        if debug_poison:
+            part_values.fill_(0)
     has_ids = query_ids is not None
     if has_ids:
         query_ids = query_ids.to(torch.int64).contiguous()
         queue_ids = queue_ids.to(torch.int64).contiguous()
-    dot_dtype = torch.promote_types(queries.dtype, queue.dtype)
-    if _interpreting():
-        dot_dtype = torch.float32  # the interpreter gets bf16 wrong; fp16/bf16 products are exact in fp32
-    tf32 = queries.is_cuda and torch.backends.cuda.matmul.allow_tf32
     _nn_topk_kernel[grid](
         queries, queries.stride(0), queries.stride(1),
         queue, queue.stride(0), queue.stride(1),
-        query_inv, queue_inv.contiguous(),
-        query_ids if has_ids else query_inv, queue_ids if has_ids else queue_inv,
+        queue_norms,
+        query_ids if has_ids else queue_norms, queue_ids if has_ids else queue_norms,
         part_values, part_indices,
         B, Q, D, tiles_per_split,
-        K=k, KP=triton.next_power_of_2(k), HAS_IDS=has_ids, DOT_DTYPE=_tl_dtype(dot_dtype),
+        K=k, KP=kp, HAS_IDS=has_ids, NORM_IS_INVERSE=norms_are_inverse, DOT_DTYPE=_tl_dtype(dot_dtype),
         PRECISION="tf32" if tf32 else "ieee", EXTRACT_MAX=cfg["extract_max"], USE_TOPK=use_topk,
-        BLOCK_B=cfg["block_b"], BLOCK_Q=block_q, BLOCK_D=cfg["block_d"],
+        BLOCK_B=cfg["block_b"], BLOCK_Q=block_q, BLOCK_D=block_d,
+        SINGLE_PASS=block_d >= D, EVEN_D=D % block_d == 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    # Final merge over the S*k candidates of each row (ties: smaller index, as everywhere).
-    keys = _pack_keys(part_values.view(B, num_splits * k), part_indices.view(B, num_splits * k))
-    return _unpack_keys(keys.topk(k, dim=1).values)
+    if k == 1:  # max over splits; torch.max returns the first maximum = the smaller split = smaller column
+        if num_splits == 1:
+            return part_values, part_indices
+        values, split = part_values.max(dim=1, keepdim=True)
+        return values, part_indices.gather(1, split)
+    # Final merge over the S*k candidates of each row (ties: smaller index, as everywhere): one launch.
+    values = torch.empty((B, k), dtype=torch.float32, device=device)
+    indices = torch.empty((B, k), dtype=torch.int64, device=device)
+    candidates = num_splits * k
+    block_c = triton.next_power_of_2(candidates)
+    block_r = max(1, min(16, 4096 // block_c))
+    _merge_splits_kernel[(triton.cdiv(B, block_r),)](part_values, values, indices, B, candidates, K=k,
+                                                     BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return values, indices
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,8 +521,13 @@ def nn_topk(queries, queue, k=1, query_ids=None, queue_ids=None, backend=None, *
     if B == 0 or Q == 0:
         values = torch.full((B, k), float("-inf"), device=queries.device)
         return values, torch.full((B, k), -1, dtype=torch.int64, device=queries.device)
-    queue_inv = _inverse_norms(queue) if queue_inv_norms is None else queue_inv_norms.float()
     with torch.no_grad():
         if which == "torch":
+            queue_inv = _inverse_norms(queue) if queue_inv_norms is None else queue_inv_norms.float()
             return _nn_topk_torch(queries, queue, k, query_ids, queue_ids, queue_inv, **kernel_options)
-        return _nn_topk_triton(queries, queue, k, query_ids, queue_ids, queue_inv, **kernel_options)
+        if queue_inv_norms is None:  # one reduction; the kernel clamps and inverts per tile
+            queue_norms = torch.linalg.vector_norm(queue, dim=1, dtype=torch.float32)
+        else:
+            queue_norms = queue_inv_norms.to(torch.float32).contiguous()
+        return _nn_topk_triton(queries, queue, k, query_ids, queue_ids, queue_norms, queue_inv_norms is not None,
+                               **kernel_options)

@@ -80,16 +80,18 @@ def triton_options(block_b, block_q, block_d, num_splits, **extra):
 
 
 # (B, Q, D, k, dtype, with ids, Triton options): every B in {1, 37, 257}, Q in {1, 1000, 4099},
-# D in {32, 256}, k in {1, 5, 20, 32} occurs; the big shapes with top-1, top-k on smaller B * Q.
+# D in {32, 48, 256}, k in {1, 5, 20, 32} occurs; the big shapes with top-1, top-k on smaller B * Q.
+# block_d=None is the default single pass (query tile loaded once; D=48 pads it to 64 with a feature
+# mask); an explicit block_d < D takes the K-loop over slices of D (D=48 with 32: a masked last slice).
 CASES = [
-    (257, 4099, 256, 1, torch.float32, True, triton_options(64, 128, 64, 4)),
-    (257, 1000, 32, 1, torch.float16, False, triton_options(32, 32, 16, 3)),
+    (257, 4099, 256, 1, torch.float32, True, triton_options(64, 128, None, 4)),
+    (257, 1000, 48, 1, torch.float16, False, triton_options(32, 32, 32, 3)),
     (1, 4099, 32, 1, torch.float16, True, triton_options(16, 64, 16, 7)),
     (37, 1, 256, 1, torch.float32, False, triton_options(16, 16, 64, 1)),
-    (37, 1000, 256, 5, torch.float32, True, triton_options(16, 16, 64, 3)),
+    (37, 1000, 256, 5, torch.float32, True, triton_options(16, 16, None, 3)),
     (1, 4099, 256, 20, torch.float16, False, triton_options(16, 32, 64, 4)),
-    (37, 4099, 32, 32, torch.float32, True, triton_options(64, 32, 16, 2)),
-    (257, 1000, 32, 20, torch.float16, True, triton_options(64, 32, 32, 2)),
+    (37, 4099, 48, 32, torch.float32, True, triton_options(64, 32, None, 2)),
+    (257, 1000, 32, 20, torch.float16, True, triton_options(64, 32, None, 2)),
     (37, 1, 32, 5, torch.float16, False, triton_options(16, 16, 16, 1)),
 ]
 
