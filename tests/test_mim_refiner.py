@@ -224,13 +224,13 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     single = run_steps(0, 1)
     for key, value in single["queues"].items():          # identical queues on both ranks, equal to one process
         assert torch.equal(ranks[0]["queues"][key], ranks[1]["queues"][key]), key
-        assert torch.allclose(ranks[0]["queues"][key].float(), value.float(), atol=1e-5), key
+        assert torch.allclose(ranks[0]["queues"][key].float(), value.float(), atol=1e-4), key
     assert (single["queues"]["final.ids"] >= 0).sum() == STEPS * 2 * PER_RANK - 4   # 24 writes wrapped on 20 slots
-    assert ranks[0]["losses"] == pytest.approx(single["losses"], abs=1e-5)
+    assert ranks[0]["losses"] == pytest.approx(single["losses"], abs=1e-4)
     assert set(ranks[0]["grads"]) == set(single["grads"])
     for name, grad in single["grads"].items():           # DDP-averaged gradients equal the one-process gradient
         error = (ranks[0]["grads"][name] - grad).abs().max()      # float32 sums in another order: relative to
-        assert error <= 1e-5 * grad.abs().max() + 1e-7, name     # the tensor's scale, not per element
+        assert error <= 1e-5 * grad.abs().max() + 1e-6, name     # the tensor's scale, not per element
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
 
 
