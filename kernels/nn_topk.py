@@ -11,10 +11,10 @@ Math (contract)
     with x = queries (B, D) and y = queue (Q, D); rows j with queue_ids[j] == query_ids[b] are excluded.
     values[b, :], indices[b, :] = the k largest sim[b, j] over the non-excluded j, sorted descending.
 
-- Inputs may be raw (MIM-Refiner keeps an unnormalised queue): both inverse row norms are applied in
-  the epilogue of each tile, so no normalised copy of the queue is ever written. Computing the queue's
-  inverse norms is one O(Q*D) read; a caller that keeps them (or keeps a normalised queue: pass ones)
-  can pass `queue_inv_norms` (Q,) float32 to skip it.
+- Inputs may be raw (MIM-Refiner keeps an unnormalised queue): both norms are applied in the
+  kernel, so no normalised copy of the queue is ever written. The query norms come from the query
+  tile the kernel already holds; the queue's norms are one O(Q*D) reduction per call, which a caller
+  that keeps them (or keeps a normalised queue: pass ones) skips by passing `queue_inv_norms` (Q,) fp32.
 - values (B, k) float32, indices (B, k) int64, sorted descending; exact ties are broken toward the
   smaller queue index (both backends, every split count); excluded rows never appear.
 - A query with fewer than k valid rows (Q < k, or ids excluding rows) gets value -inf and index -1
@@ -29,28 +29,40 @@ cut_cross_entropy/cce_lse_forward.py` and the two-level select of `facebookresea
 faiss/gpu/impl/Distance.cu`:
 - 2-D grid (query tiles of BLOCK_B rows) x (S splits of the queue). Axis 0 varies fastest, so the
   programs that share a queue chunk run together and the chunk is read from HBM about once.
-  S is chosen so that the grid has about 2 programs per SM, which keeps the GPU busy at small B.
-- Each program streams its chunk in BLOCK_Q-row tiles: a `tl.dot` over D in BLOCK_D steps into an
-  fp32 (BLOCK_B, BLOCK_Q) tile, then the epilogue scales by both inverse norms, sets excluded ids and
-  the masked tail to -inf, and merges the tile into a running per-row result:
-  * k = 1: running max + argmax (`tl.max(..., return_indices=True)`, ties to the left), no sort
-    (the algorithm of `rapidsai/cuvs: .../fused_distance_nn/cutile/fused_1nn_kernel.py`);
+- A program loads its (BLOCK_B, D) query tile once (D <= 256; padded to a power of two) and computes
+  the rows' norms from it. It then streams its queue chunk in row-major (BLOCK_Q, D) tiles, contiguous
+  along D, with one `tl.dot(q_tile, tl.trans(queue_tile))` per tile, so Triton's pipeliner copies the
+  next tiles (cp.async, num_stages buffers) while the current one is multiplied. D > 256, or fp32
+  without TF32, falls back to a loop over 64-wide slices of D.
+- Epilogue per tile: values are kept in units of <x, y_j>/|y_j| (the query's own positive scale does
+  not change a row's order and is applied once, at the end), so a tile costs one FMA per element
+  (queue inverse norm, plus a -inf bias on the masked tail), the id compare, and the merge:
+  * k = 1: row max, then the leftmost column holding it, into a running max + argmax (ties to the
+    left; the algorithm of `rapidsai/cuvs: .../fused_distance_nn/cutile/fused_1nn_kernel.py`);
   * k > 1: a running set of the k best (value, index) pairs per row, packed into one uint64 key
     (order-preserving float bits << 32 | (2^32-1-index), as `triton-lang/triton: python/triton_kernels/
     triton_kernels/topk_details/_topk_forward.py`), held in KP = next_pow2(k) slots whose last KP-k
     slots are pinned to the largest key, so min(set) is always the current k-th best. A tile is only
-    touched when some row has a value above its k-th best (threshold gating). Then, with n = the
+    merged when some row has a value above its k-th best (threshold gating). Then, with n = the
     largest per-row count of such values: if n <= extract_max, n rounds of "take the row max, replace
-    the row's minimum key" (cheap, and fast in Triton's interpreter); otherwise one `tl.topk` of the
-    tile merged by `max(sorted ascending set, descending tile top-KP)` (the bitonic split).
-- Partial results [B, S, k] (values, indices) are written once; a final torch top-k over the S*k
-  packed keys per row gives the answer. Extra memory: O(B*S*k), never O(B*Q).
+    the row's minimum key"; otherwise (a split's first tile) one `tl.topk` of the tile merged by
+    `max(sorted ascending set, descending tile top-KP)` (the bitonic split).
+- Partial results are written once and merged across splits: k = 1, (B, S) values and columns reduced
+  by `max` over splits + `gather` (the first maximum is the smaller split, i.e. the smaller column);
+  k > 1, (B, S, k) packed keys reduced by `_merge_splits_kernel` (k rounds of extraction, one launch).
+  Extra memory: O(B*S*k), never O(B*Q).
+- Host side per call: at most one norm reduction, the output allocations, one or two launches and, for
+  top-1, two small torch ops; the SM count is cached per device.
 
 Torch path (`_nn_topk_torch`): a reference chunked over the queue (bounded memory: one
 (B, chunk) fp32 block at a time), with the same packed keys so ties and missing rows behave the same.
-Defaults (`_default_config`), reasoned but not yet measured on a GPU [unconfirmed]: tiles 128 x 128 x 64
-(top-1) or 64 x 128 x 64 (top-k), about 2 programs per SM, extract_max = 4 (32 under TRITON_INTERPRET=1,
-where tl.topk is very slow). `python -m kernels.bench nn` prints a sweep of these options on the GPU.
+
+Defaults (`_default_config`, reasoning in its docstring): top-1 128 x 64 tiles, 8 warps, 3 stages;
+top-k 64 x 64 tiles, 4 warps, 2 stages; about 2 programs per SM; extract_max = 32. Compiled ahead of
+time for sm_90 (bf16, D=256, ids; Triton 3.9): top-1 160 KiB shared memory, 168 registers; top-20
+96 KiB, 210 registers; top-32 207 registers; no spills (no local memory or stack), queue tiles copied
+with cp.async into a 3- (top-1) or 2-buffer (top-k) ring, 16 wgmma per tile. Timings of this design
+are [unconfirmed] until measured: `python -m kernels.bench nn` prints them with a short sweep.
 Tests: tests/test_nn_topk.py (float64 reference; `TRITON_INTERPRET=1` on CPU, natively on CUDA).
 """
 import os
@@ -488,8 +500,8 @@ def nn_topk(queries, queue, k=1, query_ids=None, queue_ids=None, backend=None, *
     backend: 'auto' (Triton on CUDA, torch on CPU), 'triton' or 'torch'; None = the process default.
     queue_inv_norms: optional (Q,) float32 1/|queue row| (ones for a normalised queue), to skip the
         O(Q*D) norm pass.
-    kernel_options (tests and tuning): Triton: block_b, block_q, block_d, num_splits, num_warps,
-        num_stages, extract_max, debug_poison; torch: chunk_size.
+    kernel_options (tests and tuning): Triton: block_b, block_q, block_d (< D: loop over slices of D),
+        num_splits, num_warps, num_stages, extract_max, debug_poison; torch: chunk_size.
     Returns values (B, k) float32 and indices (B, k) int64, sorted descending, ties toward the smaller
     index; slots without a valid row (fewer than k valid rows) are (-inf, -1).
     """
