@@ -466,19 +466,22 @@ def load_start(args):
     if path == "none":
         print("[mim_refiner] WARNING: --ckpt none: refining a randomly initialised encoder (smoke test only)")
         return create_vit(args.model, img_size=args.img_size), None
-    obj = checkpoints.read_file(path)
-    if isinstance(obj, dict) and "vit" in obj and "encoder" in obj:
-        config = dict(obj["vit"])
-    else:
-        fmt, state, _ = checkpoints.to_timm_layout(obj, path)
-        config = checkpoints.infer_vit_config(state, fmt)
-    width, depth = PRESETS[args.model][:2]
-    if (config["embed_dim"], config["depth"]) != (width, depth):
-        raise SystemExit(f"--ckpt {path} holds a ViT of width {config['embed_dim']} and depth {config['depth']}, "
-                         f"but --model {args.model} is {width} wide and {depth} deep; pass the matching --model.")
-    config.update(img_size=args.img_size)
-    vit = create_vit(**config)
-    info = checkpoints.load_pretrained(vit, path, obj=obj)
+    try:                                          # a bad file is one sentence, not a traceback
+        obj = checkpoints.read_file(path)
+        if isinstance(obj, dict) and "vit" in obj and "encoder" in obj:
+            config = dict(obj["vit"])
+        else:
+            fmt, state, _ = checkpoints.to_timm_layout(obj, path)
+            config = checkpoints.infer_vit_config(state, fmt)
+        width, depth = PRESETS[args.model][:2]
+        if (config["embed_dim"], config["depth"]) != (width, depth):
+            raise SystemExit(f"--ckpt {path} holds a ViT of width {config['embed_dim']} and depth {config['depth']}, "
+                             f"but --model {args.model} is {width} wide and {depth} deep; pass the matching --model.")
+        config.update(img_size=args.img_size)
+        vit = create_vit(**config)
+        info = checkpoints.load_pretrained(vit, path, obj=obj)
+    except checkpoints.CheckpointError as error:
+        raise SystemExit(str(error)) from None
     print(f"[mim_refiner] encoder from {path} ({info['format']}{', post-norm' if vit.post_norm else ''})")
     model_state = obj.get("model") if isinstance(obj, dict) else None
     if isinstance(model_state, dict) and any(k.startswith("heads.") for k in model_state):

@@ -279,6 +279,14 @@ def test_cli_without_a_mae_checkpoint_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                                     # no runs/mae here
     with pytest.raises(SystemExit, match="run `python mae.py` first"):
         mr.main(["--model", "vit_micro", "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        mr.load_start(mr.get_args(["--model", "vit_micro", "--ckpt", str(tmp_path / "missing.pth")]))
+    from common.checkpoints import save_checkpoint
+    from common.vit import vit_config
+    vit = create_vit("vit_micro")
+    save_checkpoint(tmp_path / "micro.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(), "vit": vit_config(vit)})
+    with pytest.raises(SystemExit, match="pass the matching --model"):
+        mr.load_start(mr.get_args(["--model", "vit_mini", "--ckpt", str(tmp_path / "micro.pth")]))
 
 
 if __name__ == "__main__":          # torchrun entry of the two-process test
