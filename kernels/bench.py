@@ -2,6 +2,7 @@
 
     python -m kernels.bench nn      # fused NN queue lookup vs matmul + argmax / topk   (kernels/bench_nn.py)
     python -m kernels.bench attn    # group-masked attention vs SDPA / FlexAttention     (kernels/bench_attn.py)
+    python -m kernels.bench steps   # whole training steps of every method, kernels on vs --kernels torch
     python -m kernels.bench all
 
 Every row prints: shape, baseline ms, kernel ms, speedup, TFLOP/s, % of roofline, peak extra memory.
@@ -80,7 +81,7 @@ def print_table(rows, columns):
     sys.stdout.flush()
 
 
-SUITES = {"nn": "kernels.bench_nn", "attn": "kernels.bench_attn"}
+SUITES = {"nn": "kernels.bench_nn", "attn": "kernels.bench_attn", "steps": "kernels.bench_steps"}
 
 
 def main(argv=None):
