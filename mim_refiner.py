@@ -337,14 +337,15 @@ def nna_loss(z_pre, z_post, predicted, temperature, predicted_all=None):
     repelling terms compare the sample's own projection with the other samples' predictions.
     """
     rank, _ = world()
-    p_all = F.normalize(all_gather_grad(predicted) if predicted_all is None else predicted_all, dim=1)
-    z_pre, z_post = F.normalize(z_pre.float(), dim=1), F.normalize(z_post.float(), dim=1)
-    p_all = p_all.float()
-    own = torch.arange(len(z_pre), device=z_pre.device) + rank * len(z_pre)
-    logits = z_pre @ p_all.T / temperature                                              # (B, W*B)
-    positive = (z_post * p_all[own]).sum(dim=1, keepdim=True) / temperature            # (B, 1)
-    logits = logits.scatter(1, own[:, None], positive)
-    return F.cross_entropy(logits, own)
+    p_all = all_gather_grad(predicted) if predicted_all is None else predicted_all
+    with torch.autocast(z_pre.device.type, enabled=False):      # logits in fp32, also under bf16 autocast
+        p_all = F.normalize(p_all.float(), dim=1)
+        z_pre, z_post = F.normalize(z_pre.float(), dim=1), F.normalize(z_post.float(), dim=1)
+        own = torch.arange(len(z_pre), device=z_pre.device) + rank * len(z_pre)
+        logits = z_pre @ p_all.T / temperature                                          # (B, W*B)
+        positive = (z_post * p_all[own]).sum(dim=1, keepdim=True) / temperature        # (B, 1)
+        logits = logits.scatter(1, own[:, None], positive)
+        return F.cross_entropy(logits, own)
 
 
 def local_prediction_view(j, num_global, clean):
