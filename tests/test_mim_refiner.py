@@ -35,6 +35,17 @@ def test_nna_loss_matches_the_formula():
         assert mr.nna_loss(z_pre, z_post, p, tau).item() == pytest.approx(nna_reference(z_pre, z_post, p, tau), rel=1e-5)
 
 
+def test_nna_loss_is_computed_in_fp32_under_bf16_autocast():
+    # Training runs under bf16 autocast on GPUs; the positive logit is scattered into the row, which failed when
+    # the matmul's logits came out bf16 and the positive fp32. The loss must stay the fp32 formula.
+    g = torch.Generator().manual_seed(1)
+    z_pre, z_post, p = (torch.randn(6, 5, generator=g) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mr.nna_loss(z_pre, z_post, p.bfloat16(), 0.2)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(nna_reference(z_pre, z_post, p.bfloat16().float(), 0.2), rel=1e-5)
+
+
 def test_nna_differs_from_nnclr_where_the_neighbour_is_another_sample():
     # Two samples whose predictions match their own projections, but whose queue neighbours are each other.
     # NNA: positive e2.e1 = 0 and negative e1.e2 = 0 -> log 2 per row. NNCLR puts the neighbour in every logit:
