@@ -36,12 +36,14 @@ def test_nna_loss_matches_the_formula():
 
 
 def test_nna_loss_is_computed_in_fp32_under_bf16_autocast():
-    # Training runs under bf16 autocast on GPUs; the positive logit is scattered into the row, which failed when
-    # the matmul's logits came out bf16 and the positive fp32. The loss must stay the fp32 formula.
+    # Training runs under bf16 autocast on GPUs; the positive logit is scattered into the row, which failed on
+    # CUDA when the matmul's logits came out bf16 and the positive fp32 (CPU autocast leaves these fp32 matmuls
+    # alone, so on a CPU-only machine this checks the value and dtype only). The loss must stay the fp32 formula.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
     z_pre, z_post, p = (torch.randn(6, 5, generator=g) for _ in range(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = mr.nna_loss(z_pre, z_post, p.bfloat16(), 0.2)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = mr.nna_loss(z_pre.to(device), z_post.to(device), p.bfloat16().to(device), 0.2)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(nna_reference(z_pre, z_post, p.bfloat16().float(), 0.2), rel=1e-5)
 
