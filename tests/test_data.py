@@ -9,14 +9,6 @@ from PIL import Image
 from common import data
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def fresh_shapes(**kwargs):
     data.ShapesDataset._cache.clear()                       # compare two real generations, not a cached copy
