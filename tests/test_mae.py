@@ -10,14 +10,6 @@ import mae
 from common.checkpoints import build_vit_from_checkpoint, load_pretrained
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and much faster on a busy machine (no spinning workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_mae(**kw):
     torch.manual_seed(0)
