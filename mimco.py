@@ -48,7 +48,8 @@ What is ours (unconfirmed, each a flag):
   - --mask_ratio 0.75 with --layout mae (MAE's), 0.6 with --layout full (SimMIM's); per-sample random masking;
   - patch negatives: the teacher's other patches of the same image (--patch_negatives image), or of every image
     of this process's batch (batch); image negatives: the teacher features of the global batch (all-gathered);
-  - --tau_patch 0.2 and --tau_image 0.2 (MoCo v3's ViT temperature, facebookresearch/moco-v3 CONFIG.md), --lambda_image 1;
+  - --tau_patch 0.2 and --tau_image 0.2 (MoCo v3's ViT temperature, facebookresearch/moco-v3 CONFIG.md),
+    --lambda_image 1;
   - the teacher's features: its tokens after the final norm (--teacher_block), global feature = its CLS token
     (--teacher_global; MoCo v3's projector is not in the file we load), fed the same augmented, unmasked view;
   - the shared space: the teacher's own width; the student's heads (Linear on the predictor, MLP on the CLS)
@@ -186,7 +187,7 @@ class MimCo(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_student(self, imgs, noise=None):
-        """imgs (B, 3, H, W) -> patch predictions at the masked positions (B, M, C), global (B, C), ids_masked (B, M)."""
+        """imgs (B, 3, H, W) -> predictions at the masked positions (B, M, C), global (B, C), ids_masked (B, M)."""
         vit = self.encoder
         B, L = imgs.shape[0], vit.num_patches
         ids_keep, ids_masked, ids_restore, mask = random_masking(B, L, self.mask_ratio, imgs.device, noise)
@@ -336,7 +337,8 @@ def get_args(argv=None):
         "image head: CLS token or mean of the (visible) patch tokens after the final norm")
     add("--layout", default="mae", choices=sorted(MASK_RATIO), help="student: mae = visible tokens + predictor with "
         "mask tokens; full = mask tokens in the encoder input (BEiT/SimMIM)")
-    add("--mask_ratio", type=float, default=None, help="fraction of patches removed (default 0.75 for mae, 0.6 for full)")
+    add("--mask_ratio", type=float, default=None, help="fraction of patches removed "
+        "(default 0.75 for mae, 0.6 for full)")
     add("--predictor", type=int, nargs=3, default=None, metavar=("DIM", "DEPTH", "HEADS"),
         help="predictor of --layout mae (default MAE's decoder 512 8 16; smaller for the CPU presets)")
     add("--shared_dim", type=int, default=None, help="loss space width; default: the teacher's width (teacher "

@@ -145,7 +145,8 @@ def test_moco_v3_file_loads_as_the_teacher_at_the_students_grid(tmp_path):
     vit = create_vit("vit_micro")
     sd = {f"module.base_encoder.{k}": v for k, v in vit.state_dict().items()}
     sd.update({f"module.momentum_encoder.{k}": v + 1 for k, v in vit.state_dict().items()})
-    sd.update({"module.base_encoder.head.0.weight": torch.randn(32, 64), "module.predictor.0.weight": torch.randn(16, 32)})
+    sd.update({"module.base_encoder.head.0.weight": torch.randn(32, 64),
+               "module.predictor.0.weight": torch.randn(16, 32)})
     torch.save({"epoch": 300, "arch": "vit_small", "state_dict": sd}, tmp_path / "vit-s-300ep.pth.tar")
     teacher = mimco.load_teacher(str(tmp_path / "vit-s-300ep.pth.tar"), create_vit("vit_micro"), log=lambda *a: None)
     imgs = torch.randn(2, 3, 32, 32)
