@@ -18,14 +18,6 @@ from common.vit import create_vit, vit_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is as fast, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def cosine(a, b):
     a, b = (v.tolist() if torch.is_tensor(v) else v for v in (a, b))
