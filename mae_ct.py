@@ -72,7 +72,7 @@ What is ours, or not confirmed:
   - whether the released MAE-CT weights are the EMA is not confirmed: we evaluate the raw encoder;
   - k-NN: the head's input (pooled, after the final norm), k = 10 / 20, T = 0.07, on the eval transform (which
     pooling the README's k-NN used is not confirmed); the per-block curve uses each block's raw CLS token;
-  - on CPU (gloo) BatchNorm is synchronised by CPUSyncBatchNorm (torch's SyncBatchNorm needs CUDA);
+  - on CPU (gloo) BatchNorm is synchronised by common.engine.CPUSyncBatchNorm (torch's SyncBatchNorm needs CUDA);
   - vit_t / vit_s / vit_2b use vit_l's recipe; the CPU presets vit_mini / vit_micro: global batch 128, queue
     4096, 2 + 3 epochs, blr 1e-3, encoder EMA 0.999, tau 0.15, top-20, chosen to fit ten minutes.
 """
@@ -179,48 +179,6 @@ def get_args(argv=None):
 
 def _rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-class CPUSyncBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics come from the global batch of all processes, through
-    differentiable all-reduces (their backward sums the gradients over ranks): SyncBatchNorm for gloo/CPU runs,
-    where torch's SyncBatchNorm refuses CPU tensors. CUDA runs use torch's SyncBatchNorm."""
-
-    def forward(self, x):                                          # x (B, C)
-        if not (self.training and _world_size() > 1):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-        count = torch.tensor([float(len(x))], device=x.device)
-        dist.all_reduce(count)
-        mean = all_reduce(x.sum(dim=0)) / count
-        var = all_reduce(((x - mean) ** 2).sum(dim=0)) / count     # biased, as BatchNorm normalises with
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * count / (count - 1), self.momentum)   # unbiased for the running stat
-            self.num_batches_tracked.add_(1)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
-
-
-def sync_batchnorm(module, device):
-    """Every BatchNorm1d -> a synchronised one when several processes run (ml-jku/MAE-CT wraps DDP with
-    sync_batchnorm=True): torch's SyncBatchNorm on CUDA, CPUSyncBatchNorm on CPU."""
-    if _world_size() == 1:
-        return module
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
-            synced = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine).to(device)
-            synced.load_state_dict(child.state_dict())
-            synced.requires_grad_(child.weight.requires_grad)        # the target projector stays frozen
-            setattr(module, name, synced)
-        else:
-            sync_batchnorm(child, device)
-    return module
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -503,7 +461,7 @@ def main(argv=None):
     vit = create_vit(args.model)
     model = MAECT(vit, args.pooling, args.proj_hidden, args.pred_hidden, args.out_dim, args.queue_size)
     load_start_weights(args, model)
-    model = sync_batchnorm(model.to(dist.device), dist.device)
+    model = engine.sync_batchnorm(model.to(dist.device), dist.device)
     global_batch = args.batch_size * dist.world_size
     if args.queue_size < global_batch:
         raise SystemExit(f"--queue_size {args.queue_size} is smaller than the global batch {global_batch}; "

@@ -67,10 +67,7 @@ Our choices / unconfirmed:
 """
 import argparse
 import copy
-import math
 import os
-import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -78,7 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from common.engine import all_gather, all_gather_grad
+from common.engine import all_gather, all_gather_grad, sync_batchnorm
 
 FINAL = "final"   # the head on the encoder's output after the final LayerNorm (all other heads: raw block outputs)
 
@@ -283,42 +280,6 @@ def world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-class GlooSyncBatchNorm(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover every process's rows, for CPU (gloo) runs where torch's
-    SyncBatchNorm refuses CPU tensors (the official code always syncs BN: notes 2.3). The all-reduces are
-    differentiable (their backward sums over ranks, like common.engine.all_gather_grad). CUDA runs use torch's SyncBatchNorm."""
-
-    def forward(self, x):                                          # x (N, C)
-        if not (self.training and world()[1] > 1):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-        count = torch.tensor([float(len(x))], device=x.device)
-        dist.all_reduce(count)
-        mean = all_reduce(x.sum(dim=0)) / count
-        var = all_reduce(((x - mean) ** 2).sum(dim=0)) / count     # biased, as BatchNorm normalises
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * count / (count - 1), self.momentum)
-            self.num_batches_tracked.add_(1)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
-
-
-def sync_batchnorm(module, device):
-    """Every BatchNorm1d of the heads -> synchronised across processes (torch's on CUDA, GlooSyncBatchNorm on CPU)."""
-    if world()[1] == 1:
-        return module
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm1d:
-            synced = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum).to(device)
-            synced.load_state_dict(child.state_dict())
-            setattr(module, name, synced)
-        else:
-            sync_batchnorm(child, device)
-    return module
 
 
 def nna_loss(z_pre, z_post, predicted, temperature, predicted_all=None):
@@ -596,7 +557,7 @@ def main(argv=None):
     elif args.stage == "refine":
         print("[mim_refiner] WARNING: --stage refine without an init-stage checkpoint: the heads start random "
               "(the paper first trains them on the frozen encoder, --stage init)")
-    refiner = sync_batchnorm(refiner.to(dist.device), dist.device)
+    refiner = sync_batchnorm(refiner.to(dist.device), dist.device)       # common.engine: CUDA or gloo
     initial_encoder = copy.deepcopy(refiner.encoder).cpu()
     builtin = {"n_per_class": args.n_per_class[0]} if args.n_per_class else {}
     train_set = data.build_dataset(args.data, "train", data.multicrop(args.img_size, args.local_size, args.n_local),

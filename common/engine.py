@@ -20,7 +20,7 @@ Public API
 - `add_common_args(parser, **defaults)`, `setup(args, lr_factor=1)` -> Dist, `init_distributed(device)`,
   `cleanup()`, `seed_everything(seed, rank=0)`.
 - `all_gather_grad(x)` (gradient flows back to each rank's slice), `all_gather(x)` (no gradient),
-  `convert_sync_batchnorm(module, dist)`, `wrap_ddp(module, dist, find_unused_parameters=False)` (DDP, and
+  `convert_sync_batchnorm(module, dist)` / `sync_batchnorm(module, device)` (CUDA or gloo), `wrap_ddp(module, dist, find_unused_parameters=False)` (DDP, and
   torch.compile under --compile), `unwrap(model)`.
 - `param_groups(named_params, weight_decay, layer_decay=None, depth=None, lr_scale=1.0, no_decay_names=())`,
   `layer_id(name, depth)`, `cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr)`, `set_lr(optimizer, lr)`,
@@ -35,7 +35,6 @@ state dict, 'encoder_ema' (optional), 'vit': create_vit kwargs, 'optimizer', 'sc
 'args', 'rng': one entry per rank, 'extra': {name: state_dict()}}. Every value is a tensor or a plain Python
 type, so `torch.load(..., weights_only=True)` reads it.
 """
-import argparse
 import contextlib
 import copy
 import datetime
@@ -222,15 +221,48 @@ def all_gather(x):
     return torch.cat(parts, 0)
 
 
-def convert_sync_batchnorm(module, dist):
-    """BatchNorm -> SyncBatchNorm when running on several CUDA processes (heads with BN, MAE-CT/MIM-Refiner).
-    SyncBatchNorm needs CUDA tensors, so CPU (gloo) runs keep per-process BatchNorm, which is logged."""
-    if dist.world_size > 1:
-        if dist.device.type == "cuda":
-            return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-        if dist.is_main:
-            print("[engine] SyncBatchNorm needs CUDA: BatchNorm statistics stay per process on this CPU run")
+class CPUSyncBatchNorm(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics come from the global batch of all processes, through
+    differentiable all-reduces (their backward sums the gradients over ranks): SyncBatchNorm for gloo/CPU runs,
+    where torch's SyncBatchNorm refuses CPU tensors."""
+
+    def forward(self, x):                                          # x (B, C)
+        if not (self.training and _world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        count = torch.tensor([float(len(x))], device=x.device)
+        torch_dist.all_reduce(count)
+        mean = all_reduce(x.sum(dim=0)) / count
+        var = all_reduce(((x - mean) ** 2).sum(dim=0)) / count     # biased, as BatchNorm normalises with
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)   # unbiased for the running stat
+            self.num_batches_tracked.add_(1)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def sync_batchnorm(module, device):
+    """Every BatchNorm1d -> synchronised across processes when several run (the heads of MAE-CT and
+    MIM-Refiner; both official codes sync BN): torch's SyncBatchNorm on CUDA, CPUSyncBatchNorm on CPU (gloo).
+    Frozen BatchNorms (MAE-CT's EMA target projector) stay frozen."""
+    if _world_size() == 1:
+        return module
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            synced = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine).to(device)
+            synced.load_state_dict(child.state_dict())
+            synced.requires_grad_(child.weight.requires_grad)
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child, device)
     return module
+
+
+def convert_sync_batchnorm(module, dist):
+    """sync_batchnorm(module, dist.device) for the engine's Dist object."""
+    return sync_batchnorm(module, dist.device)
 
 
 _COMPILE = {"enabled": False}                               # set by setup(args) from --compile

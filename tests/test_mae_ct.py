@@ -192,7 +192,7 @@ def run_steps(rank, world):
     from torch.nn.parallel import DistributedDataParallel
     model = tiny_model(queue_size=16)
     model.set_stage("tune", frozen_blocks=2)
-    model = mae_ct.sync_batchnorm(model, torch.device("cpu"))
+    model = mae_ct.engine.sync_batchnorm(model, torch.device("cpu"))
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)   # Adam would blow up
     # float rounding on near-zero gradients (its first step is ~lr * sign(g)), SGD keeps differences small
