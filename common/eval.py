@@ -547,7 +547,7 @@ def format_table(title, results, pixels=None):
     lines = [title]
 
     def row(name, text, extra=""):
-        lines.append(f"  {name:<30s}{text:<24s}{extra}")
+        lines.append(f"  {name:<30s}{text:<24s} {extra}".rstrip())
 
     if "knn" in results:
         ks = sorted(results["knn"], key=int)
@@ -606,6 +606,9 @@ def evaluate(vit, data, img_size, protocols=("knn",), out_dir=None, tokens="cls"
                dict(tokens="+".join(parts), final_norm=final_norm, blocks=list(blocks) if blocks else None))
     data_key = dict(data=os.path.abspath(data) if data and os.path.isdir(str(data)) else (data or "builtin"),
                     img_size=img_size, n_per_class=list(n_per_class) if n_per_class else None)
+    if data_key["data"] == "builtin":               # the generator may change between versions: key on its images
+        from common.data import builtin_fingerprint
+        data_key["images"] = builtin_fingerprint(n_per_class)
 
     def extract(loader):
         if vit is None:

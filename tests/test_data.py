@@ -173,3 +173,13 @@ def test_loader_skip_resumes_mid_epoch_and_ranks_partition():
         data.set_epoch(rank_loader, 0)
         seen.append(torch.cat([batch[2] for batch in rank_loader]).tolist())
     assert len(seen[0]) == len(seen[1]) == 25 and not set(seen[0]) & set(seen[1])
+
+
+def test_builtin_fingerprint_follows_the_generator(monkeypatch):
+    """common.eval keys its feature cache on this: a changed generator must give another fingerprint."""
+    first = data.builtin_fingerprint((2, 1))
+    assert data.builtin_fingerprint((2, 1)) == first and data.builtin_fingerprint((3, 1)) != first
+    data.ShapesDataset._cache.clear()
+    monkeypatch.setattr(data, "RADIUS", (0.3, 0.35))
+    assert data.builtin_fingerprint((2, 1)) != first
+    data.ShapesDataset._cache.clear()
