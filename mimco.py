@@ -30,13 +30,9 @@ linear probe 73.2 / 76.7, fine-tune 81.4 / 83.2); common/checkpoints.py reads `m
 
 Expected results. Paper: ViT-S student, MoCo v3 ViT-S teacher, 100 epochs -> 82.53 % ImageNet-1K fine-tune top-1
 (the one confirmed number). Cost: a step is one MAE step plus a no-grad teacher pass over the full image, ~1.3x
-an MAE step for vit_mini on a CPU (GPUs not measured). The default CPU run (8 epochs, 624 steps, as `python
-mae.py`) was not timed on an idle machine: expect ~1.3x mae.py's time. Measured on 2 cores shared with ~5 other
-training jobs: `python mimco.py --epochs 4` (312 steps) with a deliberately short teacher (mae.py 4 epochs, then
-mae_ct.py --init_epochs 1 --epochs 1 --max_steps 30) took 42 min (1540 CPU-s); loss 8.79 -> 6.76 (patch 4.16 ->
-3.66, image 4.63 -> 3.10); k-NN (k=10/20) of the student 11.45 / 11.35, of an MAE trained for the same 312 steps
-(the teacher's start) 9.40 / 10.25, of the teacher 10.45 / 10.70, raw pixels 17.25 / 18.25: all near chance (10
-classes), so this weak teacher proves the pipeline, not the method.
+an MAE step for vit_mini on a CPU (GPUs not measured). The default CPU run (`python mimco.py` after `python mae.py
+&& python mae_ct.py`: 16 epochs, 1248 steps, the same steps as `python mae.py`, so the default MAE run is the
+same-steps comparison): measured numbers and wall time in the README ("Results on the built-in data").
 
 What is the paper (confirmed): two stages; a frozen contrastive teacher such as MoCo v3; a patch-level and an
 image-level reconstruction loss, both contrastive; ViT-S for 100 epochs with a MoCo v3 ViT-S teacher.
@@ -303,7 +299,7 @@ def teacher_tokens(teacher, imgs, block=None):
 # GPU recipe (ours, unconfirmed except 100 epochs for ViT-S): MAE's optimizer and schedule at BEiT's batch 2048.
 PAPER_RECIPE = dict(epochs=100, batch_size=128, blr=1.5e-4, warmup_epochs=10, weight_decay=0.05, accum_iter=None)
 PAPER_GLOBAL_BATCH = 2048
-CPU_RECIPE = dict(epochs=8, batch_size=128, blr=1.5e-3, warmup_epochs=1, weight_decay=0.05, accum_iter=None,
+CPU_RECIPE = dict(epochs=16, batch_size=128, blr=1.5e-3, warmup_epochs=2, weight_decay=0.05, accum_iter=None,
                   log_every=10)                          # mae.py's CPU recipe: the same steps as `python mae.py`
 CPU_MODELS = ("vit_micro", "vit_mini")
 

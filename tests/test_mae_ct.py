@@ -349,5 +349,14 @@ def test_cli_without_a_mae_checkpoint_says_what_to_do(tmp_path, monkeypatch, cap
         mae_ct.main(["--model", "vit_micro", "--output_dir", str(tmp_path / "run")])
 
 
+
+def test_cpu_preset_defaults_and_bad_crop_scale():
+    """The CPU presets take the BYOL views, mean pooling and crops of >= 30 %; the paper's sizes keep RRC 0.08."""
+    cpu, paper = mae_ct.get_args(["--model", "vit_micro"]), mae_ct.get_args(["--model", "vit_l"])
+    assert (cpu.aug, cpu.pooling, cpu.crop_min) == ("byol", "mean", 0.3)
+    assert (paper.aug, paper.pooling, paper.crop_min) == ("rrc", "cls", 0.08)
+    with pytest.raises(SystemExit, match="--crop_min 0.0 must be in"):
+        mae_ct.get_args(["--model", "vit_micro", "--crop_min", "0"])
+
 if __name__ == "__main__":          # torchrun entry of the two-process test
     _worker(sys.argv[1])
