@@ -117,7 +117,9 @@ for _name in ("vit_t", "vit_s", "vit_2b"):
 # image ~6 times), 2 + 3 epochs, a 10x larger base LR than the paper's for the short schedule, EMA 0.999.
 _CPU = dict(batch=128, epochs=3, init_epochs=2, temperature=0.15, init_temperature=0.15, topk=20, crop_min=0.3,
             target_momentum=0.99, pooling="mean", blr=1e-3, head_blr=1e-3, encoder_ema=0.999, queue_size=4096)
-RECIPES["vit_mini"] = RECIPES["vit_micro"] = {"rrc": _CPU, "byol": _CPU}
+CPU_MODELS = ("vit_micro", "vit_mini")
+for _name in CPU_MODELS:
+    RECIPES[_name] = {"rrc": _CPU, "byol": _CPU}
 
 
 def get_args(argv=None):
@@ -168,7 +170,7 @@ def get_args(argv=None):
     engine.add_common_args(parser, epochs=None, batch_size=None, blr=None, weight_decay=0.05, warmup_epochs=None)
     args = parser.parse_args(argv)
     if args.aug is None:
-        args.aug = "byol" if args.model in ("vit_mini", "vit_micro") else "rrc"
+        args.aug = "byol" if args.model in CPU_MODELS else "rrc"
 
     recipe = dict(PAPER, **RECIPES[args.model][args.aug])
     for key, value in recipe.items():

@@ -9,6 +9,7 @@
 Public API
 - `ShapesDataset(split, size=32, n_per_class=None, seed=0)`: the built-in labelled dataset (SPEC 3.3), 10 shape
   classes drawn in memory in a few seconds; items are `(PIL image, label)`.
+- `builtin_fingerprint(n_per_class=None)`: a short hash of the built-in images (feature caches key on it).
 - `build_dataset(data, split, transform=None, seed=0)` -> `IndexedDataset` whose items are
   `(image_or_views, label, index)`. `data`: None/'builtin' | 'cifar10' | 'stl10' | a folder (`PATH/train/<class>/*`
   and `PATH/val/<class>/*`, or `PATH/{train,val}/*.jpg` / `PATH/*.jpg` unlabelled, label -1).

@@ -20,8 +20,8 @@ Public API
 - `add_common_args(parser, **defaults)`, `setup(args, lr_factor=1)` -> Dist, `init_distributed(device)`,
   `cleanup()`, `seed_everything(seed, rank=0)`.
 - `all_gather_grad(x)` (gradient flows back to each rank's slice), `all_gather(x)` (no gradient),
-  `convert_sync_batchnorm(module, dist)` / `sync_batchnorm(module, device)` (CUDA or gloo), `wrap_ddp(module, dist, find_unused_parameters=False)` (DDP, and
-  torch.compile under --compile), `unwrap(model)`.
+  `sync_batchnorm(module, device)` (BatchNorm1d synchronised across processes, CUDA or gloo),
+  `wrap_ddp(module, dist, find_unused_parameters=False)` (DDP, and torch.compile under --compile), `unwrap(model)`.
 - `param_groups(named_params, weight_decay, layer_decay=None, depth=None, lr_scale=1.0, no_decay_names=())`,
   `layer_id(name, depth)`, `cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr)`, `set_lr(optimizer, lr)`,
   `scaled_lr(blr, global_batch, factor=1)`, `freeze_blocks(vit, n)`.
@@ -258,11 +258,6 @@ def sync_batchnorm(module, device):
         else:
             sync_batchnorm(child, device)
     return module
-
-
-def convert_sync_batchnorm(module, dist):
-    """sync_batchnorm(module, dist.device) for the engine's Dist object."""
-    return sync_batchnorm(module, dist.device)
 
 
 _COMPILE = {"enabled": False}                               # set by setup(args) from --compile
