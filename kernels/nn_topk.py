@@ -158,6 +158,14 @@ if triton is not None:
         return high | (0xFFFFFFFF - cols.to(tl.int64)).to(tl.uint64)
 
     @triton.jit
+    def _load_rows(base, rows, row_ok, offs_d, stride_r, stride_d, D, EVEN_D: tl.constexpr):
+        """(rows, features) tile of a matrix: zero at invalid rows and, unless EVEN_D, at features >= D."""
+        mask = row_ok[:, None]
+        if not EVEN_D:
+            mask = mask & (offs_d[None, :] < D)
+        return tl.load(base + rows[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+    @triton.jit
     def _merge_by_extraction(running, sims, wanted, n_new, col0, offs_q, slot, K: tl.constexpr):
         """n_new rounds of: take each row's largest wanted value, let it replace the row's minimum key.
         running (BLOCK_B, KP) uint64 keys; sims (BLOCK_B, BLOCK_Q) fp32; wanted: sims above the k-th best.
@@ -211,12 +219,7 @@ if triton is not None:
         # and stays on chip for the program's lifetime; the loop below only streams queue tiles, so the
         # software pipeliner (num_stages) can prefetch queue tile i+1 while tile i is multiplied.
         if SINGLE_PASS:
-            if EVEN_D:
-                q_tile = tl.load(Queries + rows[:, None] * stride_qb + offs_d[None, :] * stride_qd,
-                                 mask=row_ok[:, None], other=0.0)
-            else:
-                q_tile = tl.load(Queries + rows[:, None] * stride_qb + offs_d[None, :] * stride_qd,
-                                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            q_tile = _load_rows(Queries, rows, row_ok, offs_d, stride_qb, stride_qd, D, EVEN_D)
             q_float = q_tile.to(tl.float32)
             query_sq = tl.sum(q_float * q_float, axis=1)
             q_tile = q_tile.to(DOT_DTYPE)
@@ -224,8 +227,7 @@ if triton is not None:
             query_sq = tl.zeros([BLOCK_B], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + offs_d
-                q_part = tl.load(Queries + rows[:, None] * stride_qb + d[None, :] * stride_qd,
-                                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+                q_part = _load_rows(Queries, rows, row_ok, d, stride_qb, stride_qd, D, False).to(tl.float32)
                 query_sq += tl.sum(q_part * q_part, axis=1)
         query_inv = 1.0 / tl.maximum(tl.sqrt(query_sq), 1e-12)  # EPS, as F.normalize
 
@@ -254,12 +256,7 @@ if triton is not None:
                 queue_inv = 1.0 / tl.maximum(queue_norm, 1e-12)
             if SINGLE_PASS:
                 # (BLOCK_Q, BLOCK_D) row-major: contiguous along D, so the loads coalesce
-                if EVEN_D:
-                    k_tile = tl.load(Queue + cols[:, None] * stride_kq + offs_d[None, :] * stride_kd,
-                                     mask=col_ok[:, None], other=0.0)
-                else:
-                    k_tile = tl.load(Queue + cols[:, None] * stride_kq + offs_d[None, :] * stride_kd,
-                                     mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                k_tile = _load_rows(Queue, cols, col_ok, offs_d, stride_kq, stride_kd, D, EVEN_D)
                 if DOT_DTYPE == tl.float32:
                     dots = tl.dot(q_tile, tl.trans(k_tile.to(tl.float32)), input_precision=PRECISION)
                 else:
@@ -268,11 +265,8 @@ if triton is not None:
                 dots = tl.zeros([BLOCK_B, BLOCK_Q], dtype=tl.float32)
                 for d0 in range(0, D, BLOCK_D):
                     d = d0 + offs_d
-                    d_ok = d < D
-                    q_part = tl.load(Queries + rows[:, None] * stride_qb + d[None, :] * stride_qd,
-                                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                    k_part = tl.load(Queue + cols[:, None] * stride_kq + d[None, :] * stride_kd,
-                                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                    q_part = _load_rows(Queries, rows, row_ok, d, stride_qb, stride_qd, D, False)
+                    k_part = _load_rows(Queue, cols, col_ok, d, stride_kq, stride_kd, D, False)
                     if DOT_DTYPE == tl.float32:
                         dots += tl.dot(q_part.to(tl.float32), tl.trans(k_part.to(tl.float32)),
                                        input_precision=PRECISION)
