@@ -419,10 +419,7 @@ def run_stage(stage, args, dist, model, loader, resume):
     optimizer = torch.optim.AdamW(groups, lr=stage_args.lr, betas=(0.9, 0.95))
     # No buffer broadcast: the queue (64 MB at paper size) and the synchronised BN statistics are equal on every
     # rank by construction. DDP is rebuilt per stage because the set of trainable parameters changes.
-    ddp_model = model if dist.world_size == 1 else nn.parallel.DistributedDataParallel(
-        model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, broadcast_buffers=False)
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
+    ddp_model = engine.wrap_ddp(model, dist, compile=args.compile, broadcast_buffers=False)
     encoder_ema = engine.EMA(model.encoder, args.encoder_ema) if tuning and args.encoder_ema > 0 else None
     trainer = engine.Trainer(stage_args, ddp_model, optimizer, loader, dist, encoder=model.encoder,
                              encoder_ema=encoder_ema)

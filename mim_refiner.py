@@ -451,16 +451,6 @@ def load_start(args):
     return vit, None
 
 
-def make_ddp(module, dist, find_unused):
-    """DDP without per-step buffer broadcasts: every rank writes the same gathered rows into its queues, so
-    rank 0's queues need not be re-sent every step (12 x 64 MB for H/14)."""
-    if dist.world_size == 1:
-        return module
-    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
-                                               find_unused_parameters=find_unused)
-
-
 def run_stage(stage, args, refiner, loader, dist, ema=None):
     """One stage with the engine's Trainer (LR schedule, logging, checkpoints, resume, signals).
     init: heads only, top-1 neighbours; refine: encoder with LLRD + heads, top-k neighbours, EMA."""
@@ -480,7 +470,9 @@ def run_stage(stage, args, refiner, loader, dist, ema=None):
         topk = args.topk
     groups += engine.param_groups(refiner.heads.named_parameters(), args.head_weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=stage_args.lr, betas=(0.9, 0.95))
-    model = make_ddp(refiner, dist, find_unused=FINAL not in refiner.head_blocks)
+    # No per-step buffer broadcast: every rank writes the same gathered rows into its queues (12 x 64 MB for H/14).
+    model = engine.wrap_ddp(refiner, dist, find_unused_parameters=FINAL not in refiner.head_blocks, compile=False,
+                            broadcast_buffers=False)
     trainer = engine.Trainer(stage_args, model, optimizer, loader, dist, encoder=refiner.encoder,
                              encoder_ema=ema)
     if dist.is_main:

@@ -21,7 +21,8 @@ Public API
   `cleanup()`, `seed_everything(seed, rank=0)`.
 - `all_gather_grad(x)` (gradient flows back to each rank's slice), `all_gather(x)` (no gradient),
   `sync_batchnorm(module, device)` (BatchNorm1d synchronised across processes, CUDA or gloo),
-  `wrap_ddp(module, dist, find_unused_parameters=False)` (DDP, and torch.compile under --compile), `unwrap(model)`.
+  `wrap_ddp(module, dist, find_unused_parameters=False, compile=None, broadcast_buffers=True)` (DDP, and
+  torch.compile under --compile), `unwrap(model)`.
 - `param_groups(named_params, weight_decay, layer_decay=None, depth=None, lr_scale=1.0, no_decay_names=())`,
   `layer_id(name, depth)`, `cosine_lr(step, total_steps, warmup_steps, base_lr, min_lr)`, `set_lr(optimizer, lr)`,
   `scaled_lr(blr, global_batch, factor=1)`, `freeze_blocks(vit, n)`.
@@ -263,13 +264,15 @@ def sync_batchnorm(module, device):
 _COMPILE = {"enabled": False}                               # set by setup(args) from --compile
 
 
-def wrap_ddp(module, dist, find_unused_parameters=False, compile=None):
+def wrap_ddp(module, dist, find_unused_parameters=False, compile=None, broadcast_buffers=True):
     """DistributedDataParallel when world_size > 1, the module itself otherwise (DDP broadcasts rank 0's
     parameters and buffers at construction); then torch.compile when `compile` is True, or when None and the
-    run was set up with --compile. Call the returned object for the forward pass; `unwrap` gives the module."""
+    run was set up with --compile. broadcast_buffers=False skips DDP's per-step copy of rank 0's buffers (for
+    buffers every rank keeps equal itself, such as the neighbour queues of MAE-CT and MIM-Refiner).
+    Call the returned object for the forward pass; `unwrap` gives the module."""
     if dist.world_size > 1:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+        module = nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers,
                                                      find_unused_parameters=find_unused_parameters)
     if _COMPILE["enabled"] if compile is None else compile:
         module = torch.compile(module)

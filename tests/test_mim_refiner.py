@@ -194,9 +194,9 @@ def run_steps(rank, world):
     """STEPS steps on the same global batches of 2 * PER_RANK samples (this rank takes its rows), heads with
     synchronised BN, DDP. Returns the global mean losses, the first step's gradients and the final queues."""
     import torch.distributed as dist
-    from common.engine import Dist
+    from common.engine import Dist, wrap_ddp
     refiner = mr.sync_batchnorm(tiny_refiner(queue_size=20), torch.device("cpu"))
-    model = mr.make_ddp(refiner, Dist(rank, world), find_unused=False)
+    model = wrap_ddp(refiner, Dist(rank, world), compile=False, broadcast_buffers=False)   # as mim_refiner.run_stage
     optimizer = torch.optim.SGD(refiner.parameters(), lr=0.05)
     generator = torch.Generator().manual_seed(1)
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK) if world > 1 else slice(None)
