@@ -557,14 +557,20 @@ def main(argv=None):
     loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
                                seed=args.seed)
 
-    if args.stage in ("both", "init"):
-        run_stage("init", args, refiner, loader, dist)
+    stages = ["init", "refine"] if args.stage == "both" else [args.stage]
     ema = None
-    if args.stage in ("both", "refine"):
-        for p in refiner.encoder.parameters():
-            p.requires_grad_(p is not refiner.encoder.pos_embed)
-        ema = engine.EMA(refiner.encoder, args.ema_decay)
-        run_stage("refine", args, refiner, loader, dist, ema)
+    for stage in stages:
+        if stage == "refine":
+            for p in refiner.encoder.parameters():
+                p.requires_grad_(p is not refiner.encoder.pos_embed)
+            ema = engine.EMA(refiner.encoder, args.ema_decay)
+        trainer = run_stage(stage, args, refiner, loader, dist, ema)
+        if not trainer.complete:                    # stopped at --max_steps: the next stage needs this one whole
+            if dist.is_main:
+                print(f"[mim_refiner] stage {stage} stopped at step {trainer.global_step} of {trainer.total_steps}; "
+                      "continue with --resume auto")
+            engine.cleanup()
+            return
 
     if not args.no_eval:
         final = ema.module if ema is not None else refiner.encoder

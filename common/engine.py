@@ -112,7 +112,8 @@ def add_common_args(parser, **defaults):
         ("--ckpt_every_epochs", dict(type=int, default=1, help=f"epochs between writes of {LAST_CHECKPOINT} "
                                      "(it is also written at the end, at --max_steps and on SIGTERM/SIGUSR1)")),
         ("--max_steps", dict(type=int, default=None, help="stop after this many optimizer steps in total "
-                             "(the LR schedule still spans --epochs); for smoke tests")),
+                             "(per stage in mae_ct.py / mim_refiner.py, which then do not start the next stage; the "
+                             "LR schedule still spans --epochs); for smoke tests and resume tests")),
         ("--device", dict(type=str, default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")),
     ]
     names = {flag[2:] for flag, _ in flags}
@@ -642,7 +643,9 @@ class Trainer:
       encoder_ema: an EMA of the encoder (saved as 'encoder_ema' and restored). extra_state: {name: object
       with state_dict/load_state_dict} (EMAs, queues outside the model, ...), saved and restored.
     Attributes: global_step (optimizer steps done), epoch, steps_per_epoch, total_steps, progress
-      (global_step / total_steps), lr, run_dir, logger, device, dtype, scaler.
+      (global_step / total_steps), complete (all total_steps done; False after a stop at --max_steps, so a
+      script that chains stages starts the next one only when this is True), lr, run_dir, logger, device,
+      dtype, scaler.
     """
 
     def __init__(self, args, model, optimizer, loader, dist, *, encoder=None, encoder_ema=None, extra_state=None,
@@ -683,6 +686,10 @@ class Trainer:
     @property
     def progress(self):
         return self.global_step / max(self.total_steps, 1)
+
+    @property
+    def complete(self):
+        return self.global_step >= self.total_steps
 
     @property
     def checkpoint_path(self):

@@ -343,6 +343,35 @@ def test_resume_continues_the_tune_stage_bit_identically(tmp_path):
         assert torch.equal(value, split["encoder_ema"][key]), key
 
 
+def test_resume_across_the_two_stages_is_bit_identical(tmp_path, capsys):
+    """Stopped inside the init stage, the run does not start tuning from a half-trained head; resumed twice
+    (through the rest of init into tune, then to the end) it ends where an uninterrupted run ends."""
+    from common.checkpoints import save_checkpoint
+    from common.vit import vit_config
+    torch.manual_seed(0)
+    vit = create_vit("vit_micro")
+    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(),
+                                           "vit": vit_config(vit)})
+    common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--batch_size", "8", "--queue_size", "32",
+              "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16", "--init_epochs", "1", "--epochs", "2",
+              "--topk", "3", "--no_knn", "--ckpt", str(tmp_path / "mae.pth")]
+    mae_ct.main(common + ["--output_dir", str(tmp_path / "full")])
+    split = tmp_path / "split"
+    mae_ct.main(common + ["--output_dir", str(split), "--max_steps", "2"])
+    assert not (split / "tune").exists()
+    capsys.readouterr()
+    mae_ct.main(common + ["--output_dir", str(split), "--max_steps", "7", "--resume", "auto"])    # per stage
+    assert torch.load(split / "tune" / "checkpoint-last.pth", weights_only=True)["step"] == 7
+    assert "at step 2 (epoch 0)" in capsys.readouterr().out                 # init continued, not restarted
+    mae_ct.main(common + ["--output_dir", str(split), "--resume", "auto"])
+    assert "at step 7 (epoch 1)" in capsys.readouterr().out
+    full, part = (torch.load(run / "tune" / "checkpoint-last.pth", weights_only=True) for run in (tmp_path / "full", split))
+    assert full["step"] == part["step"] == 10
+    for name in ("model", "encoder_ema"):
+        for key, value in full[name].items():
+            assert torch.equal(value, part[name][key]), (name, key)
+
+
 def test_cli_without_a_mae_checkpoint_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)                                   # no runs/mae here
     with pytest.raises(SystemExit, match="run `python mae.py` first"):

@@ -288,6 +288,36 @@ def test_cli_init_then_refine_writes_a_loadable_checkpoint(tmp_path):
     assert torch.equal(model_state["heads.block2.projector.0.weight"], init_ckpt["model"]["heads.block2.projector.0.weight"])
 
 
+def test_resume_across_the_two_stages_is_bit_identical(tmp_path, capsys):
+    """Stopped inside the init stage, resumed (which finishes init and stops inside refine), resumed again: the
+    run ends with the same encoder, EMA, heads and queues as an uninterrupted one. A stage stopped at
+    --max_steps does not start the next stage (it would refine from half-trained heads)."""
+    from common.checkpoints import save_checkpoint
+    from common.vit import vit_config
+    torch.manual_seed(0)
+    vit = create_vit("vit_micro")
+    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(), "vit": vit_config(vit)})
+    common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--batch_size", "8", "--queue_size", "16",
+              "--head_blocks", "final,2", "--init_epochs", "1", "--epochs", "2", "--topk", "3", "--no_eval",
+              "--ckpt", str(tmp_path / "mae.pth")]
+    mr.main(common + ["--output_dir", str(tmp_path / "full")])
+    split = tmp_path / "split"
+    mr.main(common + ["--output_dir", str(split), "--max_steps", "3"])
+    assert torch.load(split / "init" / "checkpoint-last.pth", weights_only=True)["step"] == 3
+    assert not (split / "checkpoint-last.pth").exists()                   # refine did not start
+    capsys.readouterr()
+    mr.main(common + ["--output_dir", str(split), "--max_steps", "7", "--resume", "auto"])
+    assert torch.load(split / "checkpoint-last.pth", weights_only=True)["step"] == 7
+    assert "at step 3 (epoch 0)" in capsys.readouterr().out                 # init continued, not restarted
+    mr.main(common + ["--output_dir", str(split), "--resume", "auto"])
+    assert "at step 7 (epoch 1)" in capsys.readouterr().out
+    full, part = (torch.load(run / "checkpoint-last.pth", weights_only=True) for run in (tmp_path / "full", split))
+    assert full["step"] == part["step"] == 10
+    for name in ("model", "encoder_ema"):
+        for key, value in full[name].items():
+            assert torch.equal(value, part[name][key]), (name, key)
+
+
 def test_cli_without_a_mae_checkpoint_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                                     # no runs/mae here
     with pytest.raises(SystemExit, match="run `python mae.py` first"):

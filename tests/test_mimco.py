@@ -254,6 +254,25 @@ def test_cli_trains_logs_both_parts_and_writes_a_loadable_checkpoint(tmp_path):
         assert (run / name).is_file(), name
 
 
+def test_resume_is_bit_identical(tmp_path, capsys):
+    """Stopped at --max_steps and resumed, the student ends with the same weights as an uninterrupted run."""
+    torch.manual_seed(1)
+    vit = create_vit("vit_micro")
+    save_checkpoint(tmp_path / "teacher.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(),
+                                               "vit": vit_config(vit)})
+    common = ["--model", "vit_micro", "--teacher", str(tmp_path / "teacher.pth"), "--n_per_class", "4", "1",
+              "--batch_size", "8", "--epochs", "2", "--eval", "none"]
+    mimco.main(common + ["--output_dir", str(tmp_path / "full")])
+    mimco.main(common + ["--output_dir", str(tmp_path / "split"), "--max_steps", "3"])
+    capsys.readouterr()
+    mimco.main(common + ["--output_dir", str(tmp_path / "split"), "--resume", "auto"])
+    assert "at step 3 (epoch 0)" in capsys.readouterr().out                 # it did continue, not restart
+    full, split = (torch.load(tmp_path / run / "checkpoint-last.pth", weights_only=True) for run in ("full", "split"))
+    assert full["step"] == split["step"] == 10
+    for key, value in full["model"].items():
+        assert torch.equal(value, split["model"][key]), key
+
+
 def test_cli_without_a_teacher_says_what_to_run_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)                           # no runs/mae_ct or runs/mim_refiner here
     with pytest.raises(SystemExit, match=r"python mae.py && python mae_ct.py"):
