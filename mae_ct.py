@@ -505,10 +505,7 @@ def main(argv=None):
     before = knn("MAE encoder (before)")
     for stage, resume in resume_plan(args, stages).items():
         trainer = run_stage(stage, args, dist, model, loader, resume)
-        if not trainer.complete:                    # stopped at --max_steps: the next stage needs this one whole
-            if dist.is_main:
-                print(f"[mae_ct] stage {stage} stopped at step {trainer.global_step} of {trainer.total_steps}; "
-                      "continue with --resume auto")
+        if trainer.stopped_early(f"[mae_ct] stage {stage}"):        # the next stage needs this one whole
             engine.cleanup()
             return
     after = knn("MAE-CT encoder (after)")

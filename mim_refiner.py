@@ -565,10 +565,7 @@ def main(argv=None):
                 p.requires_grad_(p is not refiner.encoder.pos_embed)
             ema = engine.EMA(refiner.encoder, args.ema_decay)
         trainer = run_stage(stage, args, refiner, loader, dist, ema)
-        if not trainer.complete:                    # stopped at --max_steps: the next stage needs this one whole
-            if dist.is_main:
-                print(f"[mim_refiner] stage {stage} stopped at step {trainer.global_step} of {trainer.total_steps}; "
-                      "continue with --resume auto")
+        if trainer.stopped_early(f"[mim_refiner] stage {stage}"):   # the next stage needs this one whole
             engine.cleanup()
             return
 

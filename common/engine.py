@@ -643,9 +643,9 @@ class Trainer:
       encoder_ema: an EMA of the encoder (saved as 'encoder_ema' and restored). extra_state: {name: object
       with state_dict/load_state_dict} (EMAs, queues outside the model, ...), saved and restored.
     Attributes: global_step (optimizer steps done), epoch, steps_per_epoch, total_steps, progress
-      (global_step / total_steps), complete (all total_steps done; False after a stop at --max_steps, so a
-      script that chains stages starts the next one only when this is True), lr, run_dir, logger, device,
-      dtype, scaler.
+      (global_step / total_steps), complete (all total_steps done; False after a stop at --max_steps: a
+      script that chains stages asks `stopped_early(what)` before starting the next), lr, run_dir, logger,
+      device, dtype, scaler.
     """
 
     def __init__(self, args, model, optimizer, loader, dist, *, encoder=None, encoder_ema=None, extra_state=None,
@@ -690,6 +690,16 @@ class Trainer:
     @property
     def complete(self):
         return self.global_step >= self.total_steps
+
+    def stopped_early(self, what):
+        """For scripts that chain stages: True (and a line saying how to continue) when this run stopped before
+        its last step (at --max_steps), so the next stage must not start from a half-trained one."""
+        if self.complete:
+            return False
+        if self.dist.is_main:
+            print(f"{what} stopped at step {self.global_step} of {self.total_steps}; continue with --resume auto",
+                  flush=True)
+        return True
 
     @property
     def checkpoint_path(self):

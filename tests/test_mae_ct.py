@@ -275,14 +275,10 @@ def test_knn_report_equals_the_final_norm_protocol():
 # ---------------------------------------------------------------------------------------------------------
 # The CLI end to end
 # ---------------------------------------------------------------------------------------------------------
-def test_cli_both_stages_then_tune_from_the_init_checkpoint(tmp_path):
+def test_cli_both_stages_then_tune_from_the_init_checkpoint(tmp_path, micro_checkpoint):
     import json
-    from common.checkpoints import build_vit_from_checkpoint, save_checkpoint
-    from common.vit import vit_config
-    torch.manual_seed(0)
-    vit = create_vit("vit_micro")
-    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(),
-                                           "vit": vit_config(vit)})
+    from common.checkpoints import build_vit_from_checkpoint
+    vit = micro_checkpoint(tmp_path / "mae.pth")
     run = tmp_path / "run"
     common = ["--model", "vit_micro", "--n_per_class", "8", "4", "--batch_size", "16", "--queue_size", "64",
               "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16", "--init_epochs", "2", "--epochs", "2",
@@ -319,15 +315,10 @@ def test_cli_both_stages_then_tune_from_the_init_checkpoint(tmp_path):
     assert (tmp_path / "run2" / "tune" / "checkpoint-last.pth").is_file()
 
 
-def test_resume_continues_the_tune_stage_bit_identically(tmp_path):
+def test_resume_continues_the_tune_stage_bit_identically(tmp_path, micro_checkpoint):
     """Stopped at --max_steps and resumed, the run ends with the same weights, queue and target projector as
     an uninterrupted one (the top-k draws, data order and EMA all continue where they were)."""
-    from common.checkpoints import save_checkpoint
-    from common.vit import vit_config
-    torch.manual_seed(0)
-    vit = create_vit("vit_micro")
-    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(),
-                                           "vit": vit_config(vit)})
+    micro_checkpoint(tmp_path / "mae.pth")
     common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--batch_size", "8", "--queue_size", "32",
               "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16", "--epochs", "2", "--topk", "3",
               "--stage", "tune", "--no_knn", "--ckpt", str(tmp_path / "mae.pth")]
@@ -343,15 +334,10 @@ def test_resume_continues_the_tune_stage_bit_identically(tmp_path):
         assert torch.equal(value, split["encoder_ema"][key]), key
 
 
-def test_resume_across_the_two_stages_is_bit_identical(tmp_path, capsys):
+def test_resume_across_the_two_stages_is_bit_identical(tmp_path, capsys, micro_checkpoint):
     """Stopped inside the init stage, the run does not start tuning from a half-trained head; resumed twice
     (through the rest of init into tune, then to the end) it ends where an uninterrupted run ends."""
-    from common.checkpoints import save_checkpoint
-    from common.vit import vit_config
-    torch.manual_seed(0)
-    vit = create_vit("vit_micro")
-    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(),
-                                           "vit": vit_config(vit)})
+    micro_checkpoint(tmp_path / "mae.pth")
     common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--batch_size", "8", "--queue_size", "32",
               "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16", "--init_epochs", "1", "--epochs", "2",
               "--topk", "3", "--no_knn", "--ckpt", str(tmp_path / "mae.pth")]

@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -250,13 +249,10 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # The CLI end to end
 # ---------------------------------------------------------------------------------------------------------
-def test_cli_init_then_refine_writes_a_loadable_checkpoint(tmp_path):
+def test_cli_init_then_refine_writes_a_loadable_checkpoint(tmp_path, micro_checkpoint):
     import json
-    from common.checkpoints import build_vit_from_checkpoint, save_checkpoint
-    from common.vit import vit_config
-    torch.manual_seed(0)
-    vit = create_vit("vit_micro")
-    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(), "vit": vit_config(vit)})
+    from common.checkpoints import build_vit_from_checkpoint
+    vit = micro_checkpoint(tmp_path / "mae.pth")
     run = tmp_path / "run"
     common = ["--model", "vit_micro", "--n_per_class", "8", "4", "--batch_size", "8", "--queue_size", "32",
               "--head_blocks", "final,2", "--init_epochs", "1", "--epochs", "2", "--log_every", "1"]
@@ -288,15 +284,11 @@ def test_cli_init_then_refine_writes_a_loadable_checkpoint(tmp_path):
     assert torch.equal(model_state["heads.block2.projector.0.weight"], init_ckpt["model"]["heads.block2.projector.0.weight"])
 
 
-def test_resume_across_the_two_stages_is_bit_identical(tmp_path, capsys):
+def test_resume_across_the_two_stages_is_bit_identical(tmp_path, capsys, micro_checkpoint):
     """Stopped inside the init stage, resumed (which finishes init and stops inside refine), resumed again: the
     run ends with the same encoder, EMA, heads and queues as an uninterrupted one. A stage stopped at
     --max_steps does not start the next stage (it would refine from half-trained heads)."""
-    from common.checkpoints import save_checkpoint
-    from common.vit import vit_config
-    torch.manual_seed(0)
-    vit = create_vit("vit_micro")
-    save_checkpoint(tmp_path / "mae.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(), "vit": vit_config(vit)})
+    micro_checkpoint(tmp_path / "mae.pth")
     common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--batch_size", "8", "--queue_size", "16",
               "--head_blocks", "final,2", "--init_epochs", "1", "--epochs", "2", "--topk", "3", "--no_eval",
               "--ckpt", str(tmp_path / "mae.pth")]
@@ -318,16 +310,13 @@ def test_resume_across_the_two_stages_is_bit_identical(tmp_path, capsys):
             assert torch.equal(value, part[name][key]), (name, key)
 
 
-def test_cli_without_a_mae_checkpoint_says_what_to_do(tmp_path, monkeypatch):
+def test_cli_without_a_mae_checkpoint_says_what_to_do(tmp_path, monkeypatch, micro_checkpoint):
     monkeypatch.chdir(tmp_path)                                     # no runs/mae here
     with pytest.raises(SystemExit, match="run `python mae.py` first"):
         mr.main(["--model", "vit_micro", "--output_dir", str(tmp_path / "run")])
     with pytest.raises(SystemExit, match="does not exist"):
         mr.load_start(mr.get_args(["--model", "vit_micro", "--ckpt", str(tmp_path / "missing.pth")]))
-    from common.checkpoints import save_checkpoint
-    from common.vit import vit_config
-    vit = create_vit("vit_micro")
-    save_checkpoint(tmp_path / "micro.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(), "vit": vit_config(vit)})
+    micro_checkpoint(tmp_path / "micro.pth")
     with pytest.raises(SystemExit, match="pass the matching --model"):
         mr.load_start(mr.get_args(["--model", "vit_mini", "--ckpt", str(tmp_path / "micro.pth")]))
 

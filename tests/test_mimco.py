@@ -254,12 +254,9 @@ def test_cli_trains_logs_both_parts_and_writes_a_loadable_checkpoint(tmp_path):
         assert (run / name).is_file(), name
 
 
-def test_resume_is_bit_identical(tmp_path, capsys):
+def test_resume_is_bit_identical(tmp_path, capsys, micro_checkpoint):
     """Stopped at --max_steps and resumed, the student ends with the same weights as an uninterrupted run."""
-    torch.manual_seed(1)
-    vit = create_vit("vit_micro")
-    save_checkpoint(tmp_path / "teacher.pth", {"model": vit.state_dict(), "encoder": vit.state_dict(),
-                                               "vit": vit_config(vit)})
+    micro_checkpoint(tmp_path / "teacher.pth", seed=1)
     common = ["--model", "vit_micro", "--teacher", str(tmp_path / "teacher.pth"), "--n_per_class", "4", "1",
               "--batch_size", "8", "--epochs", "2", "--eval", "none"]
     mimco.main(common + ["--output_dir", str(tmp_path / "full")])
