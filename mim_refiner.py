@@ -13,7 +13,7 @@ encoder (20 epochs); stage "refine" then trains everything with layer-wise LR de
 result keeps the MIM features of the early blocks and turns the late blocks into strong semantic features.
 
 Commands (each runs stage init then stage refine, writing OUTPUT_DIR/init/ and OUTPUT_DIR/):
-    python mae.py && python mim_refiner.py                   # built-in data, CPU, 9 + 6 min on 2 cores
+    python mae.py && python mim_refiner.py                   # built-in data, CPU, 21 + 6 min on 2 cores
     python mim_refiner.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth    # one GPU (see memory)
     torchrun --nproc_per_node 8 mim_refiner.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth
     # two nodes (run on each; under SLURM: srun torchrun ... --rdzv_endpoint $MASTER_ADDR:29500):

@@ -31,8 +31,8 @@ linear probe 73.2 / 76.7, fine-tune 81.4 / 83.2); common/checkpoints.py reads `m
 Expected results. Paper: ViT-S student, MoCo v3 ViT-S teacher, 100 epochs -> 82.53 % ImageNet-1K fine-tune top-1
 (the one confirmed number). Cost: a step is one MAE step plus a no-grad teacher pass over the full image, ~1.6x
 an MAE step for vit_mini on a CPU (GPUs not measured). The default CPU run (`python mimco.py` after `python mae.py
-&& python mae_ct.py`: 16 epochs, 1248 steps, the same steps as `python mae.py`, so the default MAE run is the
-same-steps comparison): measured numbers and wall time in the README ("Results on the built-in data").
+&& python mae_ct.py`: 16 epochs, 1248 steps; `python mae.py --epochs 16 --warmup_epochs 2` is the MAE of the
+same steps): measured numbers and wall time in the README ("Results on the built-in data").
 
 What is the paper (confirmed): two stages; a frozen contrastive teacher such as MoCo v3; a patch-level and an
 image-level reconstruction loss, both contrastive; ViT-S for 100 epochs with a MoCo v3 ViT-S teacher.
@@ -54,8 +54,8 @@ What is ours (unconfirmed, each a flag):
     its position embedding, and solve the patch loss without learning anything;
   - the recipe (MAE's): AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4 x 2048 / 256, 10 warm-up epochs, cosine,
     RandomResizedCrop(0.2-1) + flip, 100 epochs for every size; bf16 autocast on GPU;
-  - the CPU preset vit_mini: mae.py's recipe and predictor (16 epochs, batch 128, blr 1.5e-3), so both runs take
-    the same number of steps; the teacher defaults to runs/mae_ct's (or runs/mim_refiner's) checkpoint.
+  - the CPU preset vit_mini: mae.py's recipe and predictor at 16 epochs (batch 128, blr 1.5e-3; mae.py's own
+    default is 40), about 14 minutes; the teacher defaults to runs/mae_ct's (or runs/mim_refiner's) checkpoint.
 """
 import argparse
 import os
