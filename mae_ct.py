@@ -82,7 +82,6 @@ import argparse
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -189,10 +188,6 @@ def get_args(argv=None):
     return args
 
 
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The NNCLR head (ml-jku/MAE-CT: models/contrastive_heads/base/contrastive_head_base.py, "according to NNCLR")
 # ----------------------------------------------------------------------------------------------------------
@@ -220,7 +215,7 @@ def nnclr_loss(predicted, nn, temperature):
     """
     predicted_all = engine.all_gather_grad(F.normalize(predicted.float(), dim=1))   # (N, C)
     logits = nn.float() @ predicted_all.T / temperature                           # (B, N)
-    own_column = torch.arange(len(nn), device=nn.device) + _rank() * len(nn)
+    own_column = torch.arange(len(nn), device=nn.device) + engine.rank() * len(nn)
     return F.cross_entropy(logits, own_column)
 
 

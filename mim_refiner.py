@@ -70,12 +70,11 @@ import copy
 import os
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from common.engine import all_gather, all_gather_grad, sync_batchnorm
+from common.engine import all_gather, all_gather_grad, rank, sync_batchnorm
 
 FINAL = "final"   # the head on the encoder's output after the final LayerNorm (all other heads: raw block outputs)
 
@@ -275,13 +274,6 @@ class NNQueue(nn.Module):
         self.ptr.copy_((self.ptr + n) % size)
 
 
-def world():
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def nna_loss(z_pre, z_post, predicted, temperature, predicted_all=None):
     """Nearest Neighbour Alignment for one (anchor view, prediction view) pair (notes 2.4;
     ml-jku/MIM-Refiner src/losses/ssl/nnclr_loss.py).
@@ -297,12 +289,11 @@ def nna_loss(z_pre, z_post, predicted, temperature, predicted_all=None):
     NNCLR (MAE-CT) would put the neighbour in every logit of the row; NNA uses it only for the positive, so the
     repelling terms compare the sample's own projection with the other samples' predictions.
     """
-    rank, _ = world()
     p_all = all_gather_grad(predicted) if predicted_all is None else predicted_all
     with torch.autocast(z_pre.device.type, enabled=False):      # logits in fp32, also under bf16 autocast
         p_all = F.normalize(p_all.float(), dim=1)
         z_pre, z_post = F.normalize(z_pre.float(), dim=1), F.normalize(z_post.float(), dim=1)
-        own = torch.arange(len(z_pre), device=z_pre.device) + rank * len(z_pre)
+        own = torch.arange(len(z_pre), device=z_pre.device) + rank() * len(z_pre)
         logits = z_pre @ p_all.T / temperature                                          # (B, W*B)
         positive = (z_post * p_all[own]).sum(dim=1, keepdim=True) / temperature        # (B, 1)
         logits = logits.scatter(1, own[:, None], positive)
@@ -493,17 +484,16 @@ def knn_evaluation(encoders, args, dist):
     Writes knn_per_block.png and knn.json; returns {name: [acc per block]}."""
     import json
     from torch.utils.data import Subset
-    from common import data, eval as evaluation, plots
-    sizes = [{"n_per_class": n} for n in args.n_per_class] if args.n_per_class else [{}, {}]
-    train_set = data.build_dataset(args.data, "train", data.eval_transform(args.img_size), args.seed, **sizes[0])
-    val_set = data.build_dataset(args.data, "val", data.eval_transform(args.img_size), args.seed, **sizes[1])
+    from common import eval as evaluation, plots
+    train_loader, val_loader = evaluation.build_eval_loaders(args.data, args.img_size, 256, args.num_workers,
+                                                             args.n_per_class)
+    train_set = train_loader.dataset
     if not train_set.labelled:
         print("[mim_refiner] the data has no labels: no k-NN evaluation")
         return None
     if args.eval_train_fraction < 1:
         train_set = Subset(train_set, range(0, len(train_set), max(1, round(1 / args.eval_train_fraction))))
-    train_loader = evaluation.eval_loader(train_set, 256, args.num_workers)
-    val_loader = evaluation.eval_loader(val_set, 256, args.num_workers)
+        train_loader = evaluation.eval_loader(train_set, 256, args.num_workers)
     curves = {name: evaluation.per_block_knn(vit, train_loader, val_loader, k=10, standardize=True,
                                              device=dist.device) for name, vit in encoders.items()}
     pixels = evaluation.knn_accuracy(*evaluation.pixel_features(train_loader), *evaluation.pixel_features(val_loader),

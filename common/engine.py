@@ -19,7 +19,7 @@ precision, EMA, logging, checkpoints and a small loop helper that keeps the loop
 Public API
 - `add_common_args(parser, **defaults)`, `setup(args, lr_factor=1)` -> Dist, `init_distributed(device)`,
   `cleanup()`, `seed_everything(seed, rank=0)`.
-- `all_gather_grad(x)` (gradient flows back to each rank's slice), `all_gather(x)` (no gradient),
+- `all_gather_grad(x)` (gradient flows back to each rank's slice), `all_gather(x)` (no gradient), `rank()`,
   `sync_batchnorm(module, device)` (BatchNorm1d synchronised across processes, CUDA or gloo),
   `wrap_ddp(module, dist, find_unused_parameters=False, compile=None, broadcast_buffers=True)` (DDP, and
   torch.compile under --compile), `unwrap(model)`.
@@ -184,6 +184,11 @@ def seed_everything(seed, rank=0):
 
 def _world_size():
     return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+
+
+def rank():
+    """This process's rank in the default process group, 0 without one (for a rank's slice of gathered rows)."""
+    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
 
 
 class _AllGatherGrad(torch.autograd.Function):
