@@ -115,7 +115,10 @@ class ShardSampler(Sampler):
 
 
 def eval_loader(dataset, batch_size=256, num_workers=4):
-    """A DataLoader for feature extraction: dataset order, sharded across ranks when distributed."""
+    """A DataLoader for feature extraction: dataset order, sharded across ranks when distributed. Workers are
+    capped at the CPUs this process may use (more only compete with the model for them)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    num_workers = min(num_workers, cpus)
     sampler = None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         sampler = ShardSampler(len(dataset), dist.get_rank(), dist.get_world_size())
@@ -721,7 +724,7 @@ def get_args(argv=None):
     parser.add_argument("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
                         help="built-in data only: images per class in train and val (default 1000 200)")
     parser.add_argument("--batch_size", type=int, default=256, help="feature extraction batch size")
-    parser.add_argument("--num_workers", type=int, default=4, help="data loader workers")
+    parser.add_argument("--num_workers", type=int, default=4, help="data loader workers (at most the CPU count)")
     parser.add_argument("--probe_epochs", type=int, default=50, help="linear probe epochs over the cached features")
     parser.add_argument("--probe_grid", action="store_true",
                         help="linear probe also over MIM-Refiner's feature grid: CLS or CLS+mean patch, of the last "
