@@ -292,10 +292,7 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.75, seed=0):
     """imgs (B, 3, H, W) normalised -> PNG, one row per image: original, masked input, reconstruction, and the
     reconstruction with the visible patches pasted back (facebookresearch/mae: demo/mae_visualize.ipynb).
     Norm-pix predictions are put back in pixel units with each true patch's own mean and std."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from common.data import denormalize
+    from common.plots import plot_image_grid
 
     model.eval()
     p, grid = model.patch_size, model.grid_size
@@ -310,17 +307,7 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.75, seed=0):
     grey = torch.zeros_like(patches)                                 # 0 = the ImageNet mean colour once denormalised
     columns = {"original": patches, "masked input": patches * (1 - removed) + grey * removed,
                "reconstruction": pred, "reconstruction + visible": patches * (1 - removed) + pred * removed}
-    fig, axes = plt.subplots(len(imgs), len(columns), figsize=(2 * len(columns), 2 * len(imgs)), squeeze=False)
-    for col, (title, tokens) in enumerate(columns.items()):
-        pictures = denormalize(unpatchify(tokens, p, grid)).permute(0, 2, 3, 1).cpu().numpy()
-        for row in range(len(imgs)):
-            axes[row, col].imshow(pictures[row])
-            axes[row, col].axis("off")
-        axes[0, col].set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plot_image_grid({title: unpatchify(tokens, p, grid) for title, tokens in columns.items()}, path)
 
 
 # ----------------------------------------------------------------------------------------------------------

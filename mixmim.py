@@ -309,10 +309,7 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.5, pairs=4, seed=0):
     """imgs (B, 3, H, W) normalised, B even -> PNG with one row per pair (image i, partner B-1-i): the two
     sources, the mixed input the encoder saw for image i, and both unmixed reconstructions. Norm-pix
     predictions are put back in pixel units with each target patch's own mean and std (as MAE's demo)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from common.data import denormalize
+    from common.plots import plot_image_grid
 
     model.eval()
     p, grid = model.encoder.patch_size, model.encoder.grid_size
@@ -325,18 +322,7 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.5, pairs=4, seed=0):
     columns = {"image A": imgs, "image B (partner)": imgs.flip(0), "mixed input": unpatchify(mix(patches, mask), p, grid),
                "A reconstructed": unpatchify(reconstruction, p, grid),
                "B reconstructed": unpatchify(reconstruction, p, grid).flip(0)}
-    rows = min(pairs, len(imgs) // 2)
-    fig, axes = plt.subplots(rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False)
-    for col, (title, pictures) in enumerate(columns.items()):
-        pictures = denormalize(pictures.float()).permute(0, 2, 3, 1).cpu().numpy()
-        for row in range(rows):
-            axes[row, col].imshow(pictures[row])
-            axes[row, col].axis("off")
-        axes[0, col].set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plot_image_grid(columns, path, rows=min(pairs, len(imgs) // 2))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
   coloured by class.
 - `plot_attention(vit, images, path)`: the CLS token's attention over the patches of a few images, averaged
   over heads, upsampled to the image and drawn over it.
+- `plot_image_grid(columns, path)`: titled columns of normalised images, one row per sample (the methods'
+  reconstruction pictures).
 """
 import os
 
@@ -131,4 +133,22 @@ def plot_attention(vit, images, path, block=-1, mean=IMAGENET_MEAN, std=IMAGENET
         for ax in axes[:, i]:
             ax.axis("off")
     fig.suptitle(title or f"CLS attention, block {block % vit.depth + 1} of {vit.depth}, mean over heads")
+    return _save(fig, path)
+
+
+def plot_image_grid(columns, path, rows=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """columns {title: (B, 3, H, W) images normalised with mean/std} -> PNG with one column per entry and one
+    row per sample (the first `rows`, default all)."""
+    plt = _pyplot()
+    rows = min(len(images) for images in columns.values()) if rows is None else rows
+    fig, axes = plt.subplots(rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False)
+    for col, (title, images) in enumerate(columns.items()):
+        images = images[:rows].detach().float().cpu()
+        pictures = (images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+        pictures = pictures.permute(0, 2, 3, 1).numpy()
+        for row in range(rows):
+            axes[row, col].imshow(pictures[row])
+            axes[row, col].axis("off")
+        axes[0, col].set_title(title, fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)
