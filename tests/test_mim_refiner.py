@@ -166,6 +166,28 @@ def test_multicrop_views_have_the_paper_layout_at_32_px():
     assert mr.get_args(["--model", "vit_l"]).local_size == 96
 
 
+def test_the_vit_h_command_builds_the_paper_configuration():
+    # `python mim_refiner.py --model vit_h ...` (reference notes 2.2-2.5, stage3/h14_mae.yaml), built on the meta
+    # device: the full-size shapes without allocating the 632M-parameter encoder.
+    from common.vit import create_vit
+    args = mr.get_args(["--model", "vit_h"])
+    with torch.device("meta"):
+        encoder = create_vit(args.model)
+        refiner = mr.Refiner(encoder, mr.default_head_blocks(args.model, encoder.depth), 2, args.proj_hidden_dim,
+                             args.out_dim, args.pred_hidden_dim, args.queue_size, args.temperature)
+    assert (encoder.depth, encoder.embed_dim, encoder.patch_size) == (32, 1280, 14)
+    assert refiner.head_blocks == ["final"] + list(range(30, 19, -1))           # 12 heads
+    head = refiner.heads["final"]
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(1280, 2048), (2048, 2048), (2048, 256),
+                                                                   (256, 4096), (4096, 256)]
+    assert all(m.bias is None for m in linears) and isinstance(head.predictor[-1], torch.nn.BatchNorm1d)
+    assert tuple(refiner.queues["block20"].entries.shape) == (65536, 256)
+    recipe = (args.global_batch_default, args.init_epochs, args.init_blr, args.epochs, args.blr, args.warmup_epochs,
+              args.min_lr, args.layer_decay, args.weight_decay, args.head_weight_decay, args.ema_decay, args.topk)
+    assert recipe == (512, 20, 2e-4, 30, 4e-4, 4, 1e-6, 0.65, 0.05, 1e-5, 0.9999, 20)
+
+
 def test_loss_falls_on_a_fixed_batch():
     refiner = tiny_refiner()
     optimizer = torch.optim.AdamW(refiner.parameters(), lr=1e-3)
