@@ -321,9 +321,9 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.5, pairs=4, seed=0):
     if model.norm_pix_loss:
         mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
         reconstruction = reconstruction * (var + 1e-6) ** 0.5 + mean
+    reconstruction = unpatchify(reconstruction, p, grid)
     columns = {"image A": imgs, "image B (partner)": imgs.flip(0), "mixed input": unpatchify(mix(patches, mask), p, grid),
-               "A reconstructed": unpatchify(reconstruction, p, grid),
-               "B reconstructed": unpatchify(reconstruction, p, grid).flip(0)}
+               "A reconstructed": reconstruction, "B reconstructed": reconstruction.flip(0)}
     return plot_image_grid(columns, path, rows=min(pairs, len(imgs) // 2))
 
 

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from common.data import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _pyplot():
@@ -26,6 +25,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _pictures(images, mean, std):
+    """(B, 3, H, W) images normalised with mean/std -> (B, H, W, 3) numpy array in [0, 1], for imshow."""
+    images = images.detach().float().cpu()
+    pictures = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    return pictures.clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
 def _save(fig, path):
@@ -122,8 +128,7 @@ def plot_attention(vit, images, path, block=-1, mean=IMAGENET_MEAN, std=IMAGENET
         maps = cls_attention(vit, images.to(device).float(), block).cpu().numpy()
     finally:
         vit.train(was_training)
-    pictures = images.float().cpu() * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    pictures = pictures.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    pictures = _pictures(images, mean, std)
     count = len(images)
     fig, axes = plt.subplots(2, count, figsize=(1.8 * count, 3.8), squeeze=False)
     for i in range(count):
@@ -143,9 +148,7 @@ def plot_image_grid(columns, path, rows=None, mean=IMAGENET_MEAN, std=IMAGENET_S
     rows = min(len(images) for images in columns.values()) if rows is None else rows
     fig, axes = plt.subplots(rows, len(columns), figsize=(2 * len(columns), 2 * rows), squeeze=False)
     for col, (title, images) in enumerate(columns.items()):
-        images = images[:rows].detach().float().cpu()
-        pictures = (images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
-        pictures = pictures.permute(0, 2, 3, 1).numpy()
+        pictures = _pictures(images[:rows], mean, std)
         for row in range(rows):
             axes[row, col].imshow(pictures[row])
             axes[row, col].axis("off")
