@@ -241,13 +241,13 @@ CPU_MODELS = ("vit_micro", "vit_mini")
 def get_args(argv=None):
     from common import engine
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     pre.add_argument("--model", default="vit_mini")
     model_name = pre.parse_known_args(argv)[0].model
     if model_name not in PRESETS:
         raise SystemExit(f"--model {model_name!r} is not a ViT preset; choose one of {', '.join(PRESETS)}.")
     cpu = model_name in CPU_MODELS
-    parser = argparse.ArgumentParser(description="MAE pre-training (see the docstring).",
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="MAE pre-training (see the docstring).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="vit_mini", help="ViT preset (common/vit.py): vit_micro / vit_mini are "
                         "the CPU presets for 32 px images, vit_b / vit_l / vit_h the paper's with its recipe")

@@ -28,7 +28,7 @@ log.jsonl, loss.png, config.json; knn_per_block.png at the top; the k-NN before/
     python mae_ct.py ... --aug byol                   # MAE-CT_aug (BYOL augmentations, its own table row)
     python mae_ct.py ... --stage init                 # then: --stage tune --ckpt runs/mae_ct/init/checkpoint-last.pth
     python mae_ct.py ... --resume auto                # continue whichever stage was interrupted
-    python -m common.eval --ckpt runs/mae_ct/tune/checkpoint-last.pth --data /imagenet --protocols all
+    python -m common.eval --ckpt runs/mae_ct/tune/checkpoint-last.pth --data /imagenet --protocol all
 The recipe's global batch is kept on any number of GPUs (--batch_size = 1024 / processes for B and L, 512 for H);
 one GPU cannot hold it, so the one-GPU line uses 128 (the LR follows the batch). Under SLURM use
 `srun torchrun --nnodes $SLURM_NNODES ...` (common/engine.py). `--ckpt` reads mae.py runs, the official MAE
@@ -122,7 +122,7 @@ for _name in CPU_MODELS:
 
 
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(description="MAE-CT: NNCLR contrastive tuning of a pre-trained MAE encoder.",
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="MAE-CT: NNCLR contrastive tuning of a pre-trained MAE encoder.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--model", default="vit_mini", choices=sorted(RECIPES), help="ViT preset; picks the recipe (RECIPES)")

@@ -108,11 +108,11 @@ CPU_PRESETS = ("vit_mini", "vit_micro")
 
 def get_args(argv=None):
     from common import engine
-    model = argparse.ArgumentParser(add_help=False)
+    model = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     model.add_argument("--model", default="vit_mini", choices=sorted(RECIPES))
     recipe = RECIPES[model.parse_known_args(argv)[0].model]
 
-    parser = argparse.ArgumentParser(description="MIM-Refiner: refine a MIM encoder with NNA heads on its "
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="MIM-Refiner: refine a MIM encoder with NNA heads on its "
                                      "last blocks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="vit_mini", choices=sorted(RECIPES),
                         help="ViT size; picks the recipe below (vit_l/h/2b: the paper's; vit_mini: built-in data on CPU)")

@@ -304,13 +304,13 @@ CPU_MODELS = ("vit_micro", "vit_mini")
 
 
 def get_args(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     pre.add_argument("--model", default="vit_mini")
     model_name = pre.parse_known_args(argv)[0].model
     if model_name not in PRESETS:
         raise SystemExit(f"--model {model_name!r} is not a ViT preset; choose one of {', '.join(PRESETS)}.")
     cpu = model_name in CPU_MODELS
-    parser = argparse.ArgumentParser(description="MimCo: MIM with a frozen contrastive teacher (see the docstring).",
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="MimCo: MIM with a frozen contrastive teacher (see the docstring).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
     add("--model", default="vit_mini", help="student ViT preset: vit_micro / vit_mini for 32 px CPU runs, vit_s "

@@ -268,10 +268,10 @@ CPU_MODELS = ("vit_micro", "vit_mini")
 def get_args(argv=None):
     from common import engine
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     pre.add_argument("--model", default="vit_mini")
     model_name = pre.parse_known_args(argv)[0].model
-    parser = argparse.ArgumentParser(description="MixMIM / MixMAE pre-training of a plain ViT (see the docstring).",
+    parser = argparse.ArgumentParser(allow_abbrev=False, description="MixMIM / MixMAE pre-training of a plain ViT (see the docstring).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="vit_mini", help="ViT preset (common/vit.py); vit_micro / vit_mini are "
                         "the CPU presets for 32 px images, vit_* the paper sizes with the official recipe")

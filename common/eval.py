@@ -701,7 +701,7 @@ def write_plots(vit, out_dir, curves, features, val_loader, baseline=None, log=p
 # CLI
 # ----------------------------------------------------------------------------------------------------------
 def get_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="python -m common.eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Evaluate frozen ViT features of any checkpoint that common/checkpoints.py loads with "
                     "k-NN, per-block k-NN, a linear probe, low-shot logistic regression and k-means clustering. "

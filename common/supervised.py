@@ -21,8 +21,9 @@ from common import data, eval as evaluation
 from common.vit import create_vit
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", default="vit_mini", help="ViT preset (common/vit.py)")
     parser.add_argument("--data", default=None, help="None/'builtin', or a labelled folder / cifar10 / stl10")
     parser.add_argument("--img_size", type=int, default=32, help="training and evaluation resolution")
@@ -36,8 +37,11 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--output_dir", default="runs/supervised", help="where eval.jsonl is written")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv=None):
+    args = get_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     train_set = data.build_dataset(args.data, "train", data.mae_transform(args.img_size), seed=args.seed)

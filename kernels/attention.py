@@ -44,8 +44,12 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+try:  # Triton is optional at import: CPU-only installs, macOS and Windows run the torch reference.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised by tests/test_commands.py in a process without triton
+    triton = None
 
 from kernels.dispatch import resolve
 
@@ -120,275 +124,277 @@ def _prepare_groups(groups, device):
 
 # ----------------------------------------------------------------------------------------------- Triton
 
-@triton.jit
-def _tile_groups(g):
-    """Summary of a tile's group ids g (BLOCK,) with padding and out-of-range lanes = -1:
-    (smallest id >= 0 or INT32_MAX if none, largest id or -1 if none, True iff all lanes hold one id >= 0)."""
-    lo = tl.min(tl.where(g >= 0, g, 2147483647), axis=0)
-    hi = tl.max(g, axis=0)
-    pure = (tl.min(g, axis=0) == hi) & (hi >= 0)
-    return lo, hi, pure
+if triton is not None:  # Triton is optional: without it every call takes the torch reference.
+
+    @triton.jit
+    def _tile_groups(g):
+        """Summary of a tile's group ids g (BLOCK,) with padding and out-of-range lanes = -1:
+        (smallest id >= 0 or INT32_MAX if none, largest id or -1 if none, True iff all lanes hold one id >= 0)."""
+        lo = tl.min(tl.where(g >= 0, g, 2147483647), axis=0)
+        hi = tl.max(g, axis=0)
+        pure = (tl.min(g, axis=0) == hi) & (hi >= 0)
+        return lo, hi, pure
 
 
-@triton.jit
-def _attn_fwd(
-    Q, K, V,                      # (B, H, N, HEAD_DIM) inputs, last dim contiguous
-    O,                            # (B, H, N, HEAD_DIM) output (any strides, last dim contiguous)
-    LSE,                          # (B, H, N) fp32 out: base-2 log-sum-exp of the scaled scores (+inf: no key)
-    GROUPS, FIRST, LAST,          # (B, N) int32 contiguous: group ids and each token's group span
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_on,
-    H, N, HEAD_DIM,               # heads, tokens, head dim (runtime)
-    qk_scale,                     # softmax scale * log2(e)
-    BLOCK_M: tl.constexpr,        # query rows per program
-    BLOCK_N: tl.constexpr,        # key rows per inner step
-    BLOCK_D: tl.constexpr,        # head dim padded to a power of two (>= 16)
-    UPCAST: tl.constexpr,         # load tiles as fp32 (bf16 in the interpreter)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, default otherwise
-):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    @triton.jit
+    def _attn_fwd(
+        Q, K, V,                      # (B, H, N, HEAD_DIM) inputs, last dim contiguous
+        O,                            # (B, H, N, HEAD_DIM) output (any strides, last dim contiguous)
+        LSE,                          # (B, H, N) fp32 out: base-2 log-sum-exp of the scaled scores (+inf: no key)
+        GROUPS, FIRST, LAST,          # (B, N) int32 contiguous: group ids and each token's group span
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_ob, stride_oh, stride_on,
+        H, N, HEAD_DIM,               # heads, tokens, head dim (runtime)
+        qk_scale,                     # softmax scale * log2(e)
+        BLOCK_M: tl.constexpr,        # query rows per program
+        BLOCK_N: tl.constexpr,        # key rows per inner step
+        BLOCK_D: tl.constexpr,        # head dim padded to a power of two (>= 16)
+        UPCAST: tl.constexpr,         # load tiles as fp32 (bf16 in the interpreter)
+        DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, default otherwise
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_m < N
-    d_valid = offs_d < HEAD_DIM
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_valid = offs_m < N
+        d_valid = offs_d < HEAD_DIM
 
-    g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
-    q_lo, q_hi, q_pure = _tile_groups(g_q)
-    # Keys that can matter to this tile: the union of its tokens' group spans.
-    key_start = tl.min(tl.load(FIRST + b * N + offs_m, mask=row_valid, other=2147483647), axis=0)
-    key_end = tl.max(tl.load(LAST + b * N + offs_m, mask=row_valid, other=-1), axis=0) + 1
-
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running max of the base-2 scores
-    l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)          # running sum of exp2(score - m_i) * v
-
-    for start_n in range(key_start, key_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_valid = offs_n < key_end
-        g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
-        k_lo, k_hi, k_pure = _tile_groups(g_k)
-        if (k_hi >= q_lo) & (k_lo <= q_hi):                 # else: no same-group pair, skip the tile
-            kv_mask = key_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BLOCK_M, BLOCK_N) fp32
-            if q_pure & k_pure & (q_lo == k_lo):
-                scores = qk * qk_scale                      # full tile: one group on both sides, no mask
-            else:
-                same = (g_q[:, None] == g_k[None, :]) & (g_k[None, :] >= 0)
-                scores = tl.where(same, qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: stay finite
-            p = tl.math.exp2(scores - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
-
-    has_key = l_i > 0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_valid)
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=row_valid[:, None] & d_valid[None, :])
-
-
-@triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, DO,                  # (B, H, N, HEAD_DIM) inputs and output gradient, last dim contiguous
-    DK, DV,                       # (B, H, N, HEAD_DIM) contiguous outputs
-    LSE, DELTA,                   # (B, H, N) fp32: forward log-sum-exp (base 2), rowsum(O * dO)
-    GROUPS, FIRST, LAST,          # (B, N) int32: group ids and each token's group span
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    H, N, HEAD_DIM,
-    qk_scale,                     # softmax scale * log2(e)
-    sm_scale,                     # softmax scale (dS -> dK)
-    BLOCK_M: tl.constexpr,        # query rows per inner step
-    BLOCK_N: tl.constexpr,        # key rows owned by this program
-    BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One program per key tile: dV = sum over query tiles of P^T dO, dK = scale * sum of dS^T Q."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    row_base = pid_bh.to(tl.int64) * N                      # into LSE, DELTA and the contiguous DK, DV
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    key_valid = offs_n < N
-    d_valid = offs_d < HEAD_DIM
-
-    g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
-    k_lo, k_hi, k_pure = _tile_groups(g_k)
-    # The relation is symmetric, so the queries that can see these keys lie in the keys' group spans.
-    query_start = tl.min(tl.load(FIRST + b * N + offs_n, mask=key_valid, other=2147483647), axis=0)
-    query_end = tl.max(tl.load(LAST + b * N + offs_n, mask=key_valid, other=-1), axis=0) + 1
-
-    kv_mask = key_valid[:, None] & d_valid[None, :]
-    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-
-    for start_m in range(query_start, query_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_valid = offs_m < query_end
         g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
         q_lo, q_hi, q_pure = _tile_groups(g_q)
-        if (k_hi >= q_lo) & (k_lo <= q_hi):                 # else: no same-group pair, skip the tile
-            q_mask = row_valid[:, None] & d_valid[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + row_base + offs_m, mask=row_valid, other=float("inf"))
-            delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
-            qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)     # (BLOCK_N, BLOCK_M) = S^T / scale
-            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
-            if not (q_pure & k_pure & (q_lo == k_lo)):      # partial tile: per-element mask
-                same = (g_k[:, None] == g_q[None, :]) & (g_k[:, None] >= 0)
-                p_t = tl.where(same, p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)    # (BLOCK_N, BLOCK_M) = dP^T
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        # Keys that can matter to this tile: the union of its tokens' group spans.
+        key_start = tl.min(tl.load(FIRST + b * N + offs_m, mask=row_valid, other=2147483647), axis=0)
+        key_end = tl.max(tl.load(LAST + b * N + offs_m, mask=row_valid, other=-1), axis=0) + 1
 
-    out_ptrs = row_base * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running max of the base-2 scores
+        l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)          # running sum of exp2(score - m_i) * v
+
+        for start_n in range(key_start, key_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_valid = offs_n < key_end
+            g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
+            k_lo, k_hi, k_pure = _tile_groups(g_k)
+            if (k_hi >= q_lo) & (k_lo <= q_hi):                 # else: no same-group pair, skip the tile
+                kv_mask = key_valid[:, None] & d_valid[None, :]
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BLOCK_M, BLOCK_N) fp32
+                if q_pure & k_pure & (q_lo == k_lo):
+                    scores = qk * qk_scale                      # full tile: one group on both sides, no mask
+                else:
+                    same = (g_q[:, None] == g_k[None, :]) & (g_k[None, :] >= 0)
+                    scores = tl.where(same, qk * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: stay finite
+                p = tl.math.exp2(scores - m_safe[:, None])
+                alpha = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+                m_i = m_new
+
+        has_key = l_i > 0
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+        lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+        tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_valid)
+        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_valid[:, None] & d_valid[None, :])
 
 
-@triton.jit
-def _attn_bwd_dq(
-    Q, K, V, DO,                  # (B, H, N, HEAD_DIM) inputs and output gradient, last dim contiguous
-    DQ,                           # (B, H, N, HEAD_DIM) contiguous output
-    LSE, DELTA,                   # (B, H, N) fp32
-    GROUPS, FIRST, LAST,          # (B, N) int32
-    stride_qb, stride_qh, stride_qn,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_dob, stride_doh, stride_don,
-    H, N, HEAD_DIM,
-    qk_scale,
-    sm_scale,
-    BLOCK_M: tl.constexpr,        # query rows owned by this program
-    BLOCK_N: tl.constexpr,        # key rows per inner step
-    BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One program per query tile: dQ = scale * sum over key tiles of dS K."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    row_base = pid_bh.to(tl.int64) * N
+    @triton.jit
+    def _attn_bwd_dkdv(
+        Q, K, V, DO,                  # (B, H, N, HEAD_DIM) inputs and output gradient, last dim contiguous
+        DK, DV,                       # (B, H, N, HEAD_DIM) contiguous outputs
+        LSE, DELTA,                   # (B, H, N) fp32: forward log-sum-exp (base 2), rowsum(O * dO)
+        GROUPS, FIRST, LAST,          # (B, N) int32: group ids and each token's group span
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_don,
+        H, N, HEAD_DIM,
+        qk_scale,                     # softmax scale * log2(e)
+        sm_scale,                     # softmax scale (dS -> dK)
+        BLOCK_M: tl.constexpr,        # query rows per inner step
+        BLOCK_N: tl.constexpr,        # key rows owned by this program
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """One program per key tile: dV = sum over query tiles of P^T dO, dK = scale * sum of dS^T Q."""
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        row_base = pid_bh.to(tl.int64) * N                      # into LSE, DELTA and the contiguous DK, DV
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_valid = offs_m < N
-    d_valid = offs_d < HEAD_DIM
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        key_valid = offs_n < N
+        d_valid = offs_d < HEAD_DIM
 
-    g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
-    q_lo, q_hi, q_pure = _tile_groups(g_q)
-    key_start = tl.min(tl.load(FIRST + b * N + offs_m, mask=row_valid, other=2147483647), axis=0)
-    key_end = tl.max(tl.load(LAST + b * N + offs_m, mask=row_valid, other=-1), axis=0) + 1
-
-    q_mask = row_valid[:, None] & d_valid[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(LSE + row_base + offs_m, mask=row_valid, other=float("inf"))
-    delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    for start_n in range(key_start, key_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        key_valid = offs_n < key_end
         g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
         k_lo, k_hi, k_pure = _tile_groups(g_k)
-        if (k_hi >= q_lo) & (k_lo <= q_hi):
-            kv_mask = key_valid[:, None] & d_valid[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BLOCK_M, BLOCK_N)
-            p = tl.math.exp2(qk * qk_scale - lse[:, None])
-            if not (q_pure & k_pure & (q_lo == k_lo)):
-                same = (g_q[:, None] == g_k[None, :]) & (g_k[None, :] >= 0)
-                p = tl.where(same, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)       # (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        # The relation is symmetric, so the queries that can see these keys lie in the keys' group spans.
+        query_start = tl.min(tl.load(FIRST + b * N + offs_n, mask=key_valid, other=2147483647), axis=0)
+        query_end = tl.max(tl.load(LAST + b * N + offs_n, mask=key_valid, other=-1), axis=0) + 1
 
-    out_ptrs = row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DQ + out_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+        kv_mask = key_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+        for start_m in range(query_start, query_end, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_valid = offs_m < query_end
+            g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
+            q_lo, q_hi, q_pure = _tile_groups(g_q)
+            if (k_hi >= q_lo) & (k_lo <= q_hi):                 # else: no same-group pair, skip the tile
+                q_mask = row_valid[:, None] & d_valid[None, :]
+                q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                lse = tl.load(LSE + row_base + offs_m, mask=row_valid, other=float("inf"))
+                delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
+                qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)     # (BLOCK_N, BLOCK_M) = S^T / scale
+                p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+                if not (q_pure & k_pure & (q_lo == k_lo)):      # partial tile: per-element mask
+                    same = (g_k[:, None] == g_q[None, :]) & (g_k[:, None] >= 0)
+                    p_t = tl.where(same, p_t, 0.0)
+                dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)    # (BLOCK_N, BLOCK_M) = dP^T
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+
+        out_ptrs = row_base * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-def _configs(pairs):
-    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); one fixed config in the interpreter
-    (autotuning with several configs needs a GPU driver; small tiles keep the interpreter quick)."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
+    @triton.jit
+    def _attn_bwd_dq(
+        Q, K, V, DO,                  # (B, H, N, HEAD_DIM) inputs and output gradient, last dim contiguous
+        DQ,                           # (B, H, N, HEAD_DIM) contiguous output
+        LSE, DELTA,                   # (B, H, N) fp32
+        GROUPS, FIRST, LAST,          # (B, N) int32
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_don,
+        H, N, HEAD_DIM,
+        qk_scale,
+        sm_scale,
+        BLOCK_M: tl.constexpr,        # query rows owned by this program
+        BLOCK_N: tl.constexpr,        # key rows per inner step
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """One program per query tile: dQ = scale * sum over key tiles of dS K."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        row_base = pid_bh.to(tl.int64) * N
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_valid = offs_m < N
+        d_valid = offs_d < HEAD_DIM
+
+        g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
+        q_lo, q_hi, q_pure = _tile_groups(g_q)
+        key_start = tl.min(tl.load(FIRST + b * N + offs_m, mask=row_valid, other=2147483647), axis=0)
+        key_end = tl.max(tl.load(LAST + b * N + offs_m, mask=row_valid, other=-1), axis=0) + 1
+
+        q_mask = row_valid[:, None] & d_valid[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(LSE + row_base + offs_m, mask=row_valid, other=float("inf"))
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        for start_n in range(key_start, key_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            key_valid = offs_n < key_end
+            g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
+            k_lo, k_hi, k_pure = _tile_groups(g_k)
+            if (k_hi >= q_lo) & (k_lo <= q_hi):
+                kv_mask = key_valid[:, None] & d_valid[None, :]
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BLOCK_M, BLOCK_N)
+                p = tl.math.exp2(qk * qk_scale - lse[:, None])
+                if not (q_pure & k_pure & (q_lo == k_lo)):
+                    same = (g_q[:, None] == g_k[None, :]) & (g_k[None, :] >= 0)
+                    p = tl.where(same, p, 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)       # (BLOCK_M, BLOCK_N)
+                ds = p * (dp - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+        out_ptrs = row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DQ + out_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-# A handful of configs (each one is compiled on first use, a few seconds apiece). Small query tiles help
-# skipping when groups are contiguous; larger ones amortise the key/value loads on dense rows.
-_FWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-                         (128, 32, 4, 2), (128, 64, 8, 2)])
-# Backward: the program owns BLOCK_N keys (dK/dV) or BLOCK_M queries (dQ) and steps over the other side.
-_BWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
-                         (128, 32, 8, 2), (64, 64, 8, 1)])
-_KEY = ["N", "HEAD_DIM"]      # the autotuner adds the tensors' dtypes to the key itself
-# fp32 inputs (tests and the CPU-sized runs; training runs under bf16 autocast) get one fixed config: IEEE
-# fp32 dots are emulated with FMAs, slow to compile per config and not worth tuning.
-_FP32_CONFIGS = _configs([(32, 32, 4, 1)])
-_TUNED = {   # (kernel, is fp32) -> autotuned launcher
-    (name, fp32): triton.autotune(_FP32_CONFIGS if fp32 else configs, key=_KEY)(kernel)
-    for name, kernel, configs in (("fwd", _attn_fwd, _FWD_CONFIGS), ("dkdv", _attn_bwd_dkdv, _BWD_CONFIGS),
-                                  ("dq", _attn_bwd_dq, _BWD_CONFIGS))
-    for fp32 in (False, True)}
+    def _configs(pairs):
+        """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages); one fixed config in the interpreter
+        (autotuning with several configs needs a GPU driver; small tiles keep the interpreter quick)."""
+        if _INTERPRET:
+            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in pairs]
+
+
+    # A handful of configs (each one is compiled on first use, a few seconds apiece). Small query tiles help
+    # skipping when groups are contiguous; larger ones amortise the key/value loads on dense rows.
+    _FWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+                             (128, 32, 4, 2), (128, 64, 8, 2)])
+    # Backward: the program owns BLOCK_N keys (dK/dV) or BLOCK_M queries (dQ) and steps over the other side.
+    _BWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
+                             (128, 32, 8, 2), (64, 64, 8, 1)])
+    _KEY = ["N", "HEAD_DIM"]      # the autotuner adds the tensors' dtypes to the key itself
+    # fp32 inputs (tests and the CPU-sized runs; training runs under bf16 autocast) get one fixed config: IEEE
+    # fp32 dots are emulated with FMAs, slow to compile per config and not worth tuning.
+    _FP32_CONFIGS = _configs([(32, 32, 4, 1)])
+    _TUNED = {   # (kernel, is fp32) -> autotuned launcher
+        (name, fp32): triton.autotune(_FP32_CONFIGS if fp32 else configs, key=_KEY)(kernel)
+        for name, kernel, configs in (("fwd", _attn_fwd, _FWD_CONFIGS), ("dkdv", _attn_bwd_dkdv, _BWD_CONFIGS),
+                                      ("dq", _attn_bwd_dq, _BWD_CONFIGS))
+        for fp32 in (False, True)}
 
 
 def _launch_constants(q):

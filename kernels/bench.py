@@ -84,12 +84,17 @@ def print_table(rows, columns):
 SUITES = {"nn": "kernels.bench_nn", "attn": "kernels.bench_attn", "steps": "kernels.bench_steps"}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("suite", choices=[*SUITES, "all"], help="which kernel to benchmark")
     parser.add_argument("--quick", action="store_true", help="fewer shapes (a smoke run)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="bf16 peak for %% of roofline")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
     print(environment_line())
     for name in (SUITES if args.suite == "all" else [args.suite]):
         importlib.import_module(SUITES[name]).run(quick=args.quick, peak_tflops=device_peak_tflops(args.peak_tflops))

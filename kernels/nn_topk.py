@@ -65,11 +65,9 @@ with cp.async into a 3- (top-1) or 2-buffer (top-k) ring, 16 wgmma per tile. Tim
 are [unconfirmed] until measured: `python -m kernels.bench nn` prints them with a short sweep.
 Tests: tests/test_nn_topk.py (float64 reference; `TRITON_INTERPRET=1` on CPU, natively on CUDA).
 """
-import os
-
 import torch
 
-from kernels.dispatch import resolve
+from kernels.dispatch import interpreting, resolve
 
 try:  # Triton is optional: the torch path works without it (CPU-only installs, macOS).
     import triton
@@ -337,10 +335,6 @@ if triton is not None:
             keys = tl.where(offs_c[None, :] == arg[:, None], 0, keys)
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 _TORCH_TO_TL = {}
 _SM_COUNT = {}  # device index -> multiprocessor count (the property query is slow enough to matter per call)
 
@@ -398,7 +392,7 @@ def _default_config(B, Q, D, k, dot_bytes, fp32_on_cuda_cores, device):
     block_d = max(16, triton.next_power_of_2(D))
     if block_d > 256 or fp32_on_cuda_cores:  # a K-loop over 64-wide slices of D
         block_d = 64
-    if _interpreting() and k > 1:
+    if interpreting() and k > 1:
         block_q = 32
     row_tiles = triton.cdiv(B, block_b)
     q_tiles = triton.cdiv(Q, block_q)
@@ -417,7 +411,7 @@ def _nn_topk_triton(queries, queue, k, query_ids, queue_ids, queue_norms, norms_
     Q = queue.shape[0]
     device = queries.device
     dot_dtype = torch.promote_types(queries.dtype, queue.dtype)
-    if _interpreting():
+    if interpreting():
         dot_dtype = torch.float32  # the interpreter gets bf16 wrong; fp16/bf16 products are exact in fp32
     tf32 = queries.is_cuda and torch.backends.cuda.matmul.allow_tf32
     fp32_on_cuda_cores = queries.is_cuda and dot_dtype == torch.float32 and not tf32
