@@ -1,18 +1,25 @@
 """Group-masked attention: flash attention in Triton where token i sees token j only if their group ids match.
 
-    attention(q, k, v, groups=None, backend=None) -> (B, H, N, d)
+    attention(q, k, v, groups=None, bias=None, backend=None, *, bias_index=None) -> (B, H, N, d)
 
     q, k, v   (B, H, N, d), fp16 / bf16 / fp32, last dim contiguous (other strides are free, so the ViT's
               `qkv.permute(...)` views go in without a copy); head dims up to 128 (80 included).
     groups    (B, N) integer or None. Token i attends to token j iff groups[b, i] == groups[b, j] >= 0.
               A negative id is padding: it attends to nothing and nothing attends to it; its output row is 0
-              and it gets zero gradient (never NaN). groups=None is plain F.scaled_dot_product_attention.
+              and it gets zero gradient (never NaN). groups=None treats all tokens as one group.
+    bias      (H, N, N) float or None: an additive per-head bias shared by the B sequences (MixMIM's windowed
+              encoder: B = windows x images, the bias a window's relative-position bias), added to the scaled
+              scores before the group mask, in fp32. It gets a gradient: dbias[h] = sum_b dS[b, h].
+    bias_index (B, N) int or None (keyword only): token n of sequence b reads bias row / column
+              bias_index[b, n] instead of n, for tokens reordered inside their window.
+    groups=None and bias=None is plain F.scaled_dot_product_attention.
 
-Math (one (batch, head); s = softmax scale = d**-0.5, M[i, j] = [g_i == g_j >= 0]):
+Math (one (batch, head); s = softmax scale = d**-0.5, M[i, j] = [g_i == g_j >= 0], A = bias[h], or
+A[i, j] = bias[h, idx_i, idx_j] with a bias_index, or 0 without a bias):
 
-    S = s * Q K^T,  P[i, j] = M[i, j] exp(S[i, j] - lse_i) with lse_i = log sum_j M[i, j] exp(S[i, j]),  O = P V
+    S = s * Q K^T + A,  P[i, j] = M[i, j] exp(S[i, j] - lse_i) with lse_i = log sum_j M[i, j] exp(S[i, j]),  O = P V
     backward:  dV = P^T dO,  dP = dO V^T,  Delta_i = sum_d O[i, d] dO[i, d],
-               dS = P * (dP - Delta),  dQ = s dS K,  dK = s dS^T Q
+               dS = P * (dP - Delta),  dQ = s dS K,  dK = s dS^T Q,  dbias[h] = sum_b dS[b, h]
 
 The forward (flash-attention 2, as in triton-lang/triton: python/tutorials/06-fused-attention.py) keeps a
 query tile on chip and streams key/value tiles with an fp32 online softmax in base 2 (exp2 with s * log2(e)
@@ -59,23 +66,34 @@ POISON_OUTPUTS = False
 MAX_HEAD_DIM = 128
 
 
-def attention_reference(q, k, v, groups=None):
+def attention_reference(q, k, v, groups=None, bias=None, bias_index=None):
     """Torch reference with the same conventions (used on CPU and with backend='torch').
 
-    q, k, v (B, H, N, d); groups (B, N) int or None -> (B, H, N, d) in v's dtype. Materialises the
-    (B, H, N, N) scores in at least fp32 (float64 inputs stay float64). Rows with no allowed key
-    (padding) output 0 and get zero gradients, never NaN.
+    q, k, v (B, H, N, d); groups (B, N) int or None; bias (H, N, N) float or None, shared by the batch;
+    bias_index (B, N) int or None (token n of sequence b reads bias row/column bias_index[b, n]).
+    -> (B, H, N, d) in v's dtype. Materialises the (B, H, N, N) scores in at least fp32 (float64 inputs stay
+    float64). Rows with no allowed key (padding) output 0 and get zero gradients, never NaN; autograd gives
+    the bias its gradient (the sum over the batch of the scores' gradient).
     """
-    if groups is None:
+    if groups is None and bias is None:
         return F.scaled_dot_product_attention(q, k, v)
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5
     scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-2, -1)) * scale      # (B, H, N, N)
-    allowed = ((groups[:, :, None] == groups[:, None, :]) & (groups[:, None, :] >= 0))[:, None]  # (B, 1, N, N)
-    has_key = allowed.any(-1, keepdim=True)                                              # (B, 1, N, 1)
-    # Fully masked rows would give softmax(-inf...) = NaN: give them finite scores and zero them after.
-    scores = torch.where(allowed, scores, float("-inf")).masked_fill(~has_key, 0.0)
-    probs = torch.softmax(scores, dim=-1) * has_key
+    if bias is not None:
+        bias = bias.to(compute_dtype)
+        if bias_index is not None:                          # per sequence: bias[h, idx_i, idx_j], (B, H, N, N)
+            idx = bias_index.long()
+            bias = bias[:, idx[:, :, None], idx[:, None, :]].transpose(0, 1)
+        scores = scores + bias
+    if groups is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        allowed = ((groups[:, :, None] == groups[:, None, :]) & (groups[:, None, :] >= 0))[:, None]  # (B, 1, N, N)
+        has_key = allowed.any(-1, keepdim=True)                                          # (B, 1, N, 1)
+        # Fully masked rows would give softmax(-inf...) = NaN: give them finite scores and zero them after.
+        scores = torch.where(allowed, scores, float("-inf")).masked_fill(~has_key, 0.0)
+        probs = torch.softmax(scores, dim=-1) * has_key
     return (probs @ v.to(compute_dtype)).to(v.dtype)
 
 
@@ -464,29 +482,44 @@ class _GroupMaskedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _check_inputs(q, k, v, groups):
+def _check_inputs(q, k, v, groups, bias, bias_index):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"attention: q, k, v must share one shape (B, H, N, d), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}; reshape them to (batch, heads, tokens, head_dim).")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v have dtypes {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype.")
-    if groups.shape != (q.shape[0], q.shape[2]) or groups.dtype.is_floating_point or groups.dtype == torch.bool:
-        raise ValueError(f"attention: groups must be an integer tensor of shape (B, N) = {(q.shape[0], q.shape[2])}, "
+    B, H, N, _ = q.shape
+    if groups is not None and (groups.shape != (B, N) or groups.dtype.is_floating_point or groups.dtype == torch.bool):
+        raise ValueError(f"attention: groups must be an integer tensor of shape (B, N) = {(B, N)}, "
                          f"got {groups.dtype} {tuple(groups.shape)}; pass one group id per token.")
+    if bias is not None and (bias.shape != (H, N, N) or not bias.dtype.is_floating_point):
+        raise ValueError(f"attention: bias must be a float tensor of shape (H, N, N) = {(H, N, N)}, got {bias.dtype} "
+                         f"{tuple(bias.shape)}; pass one (N, N) table per head, shared by the batch.")
+    if bias is not None and bias.device != q.device:
+        raise ValueError(f"attention: bias is on {bias.device} and q on {q.device}; move the bias to q's device.")
+    if bias_index is not None and bias is None:
+        raise ValueError("attention: bias_index was given without a bias; pass the (H, N, N) bias it indexes.")
+    if bias_index is not None and (bias_index.shape != (B, N) or bias_index.dtype.is_floating_point
+                                   or bias_index.dtype == torch.bool):
+        raise ValueError(f"attention: bias_index must be an integer tensor of shape (B, N) = {(B, N)}, got "
+                         f"{bias_index.dtype} {tuple(bias_index.shape)}; pass each token's row in the bias table.")
 
 
-def attention(q, k, v, groups=None, backend=None):
-    """Multi-head attention, optionally restricted to tokens of the same group.
+def attention(q, k, v, groups=None, bias=None, backend=None, *, bias_index=None):
+    """Multi-head attention, optionally with an additive per-head bias and restricted to tokens of the same group.
 
-    q, k, v (B, H, N, d); groups (B, N) int or None -> (B, H, N, d) in q's dtype.
+    q, k, v (B, H, N, d); groups (B, N) int or None; bias (H, N, N) float or None (shared by the B sequences,
+    e.g. a window's relative-position bias; it gets a gradient); bias_index (B, N) int or None, keyword only:
+    token n of sequence b reads the bias at row / column bias_index[b, n] (for tokens reordered inside their
+    window) -> (B, H, N, d) in q's dtype.
     backend: None (process default, see kernels.set_backend), 'auto' (Triton on CUDA, torch on CPU),
-    'triton' or 'torch'. groups=None always uses F.scaled_dot_product_attention.
+    'triton' or 'torch'. groups=None and bias=None always use F.scaled_dot_product_attention.
     """
-    if groups is None:
+    if groups is None and bias is None:
         return F.scaled_dot_product_attention(q, k, v)
-    _check_inputs(q, k, v, groups)
-    if resolve("attention", backend, q.device) == "torch":
-        return attention_reference(q, k, v, groups)
+    _check_inputs(q, k, v, groups, bias, bias_index)
+    if resolve("attention", backend, q.device) == "torch" or bias is not None:   # the kernel's bias: next commit
+        return attention_reference(q, k, v, groups, bias, bias_index)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention: the Triton kernel takes fp16, bf16 or fp32, got {q.dtype}; "
                          "cast the inputs or pass backend='torch'.")

@@ -74,18 +74,27 @@ def make_groups(pattern, batch, n, generator):
     raise ValueError(pattern)
 
 
-def oracle(q, k, v, groups):
+def oracle(q, k, v, groups, bias=None, bias_index=None):
     """Float64 group-masked attention without any mask: plain softmax attention inside each group.
-    q, k, v (B, H, N, d) float64; groups (B, N) -> (B, H, N, d); padding rows stay 0."""
+    q, k, v (B, H, N, d) float64; groups (B, N) or None (one group); bias (H, N, N) float64 or None, added
+    as the group's gathered entries bias[:, pos][:, :, pos] with pos = the tokens' positions (or their
+    bias_index entries) -> (B, H, N, d); padding rows stay 0."""
     out = (q + k + v) * 0.0                       # zeros that keep q, k and v in the autograd graph
+    if bias is not None:
+        out = out + bias.sum() * 0.0              # and the bias (an all-padding batch never reads it)
     scale = q.shape[-1] ** -0.5
     for b in range(q.shape[0]):
-        for gid in groups[b].unique().tolist():
+        ids = torch.zeros(q.shape[2], dtype=torch.long) if groups is None else groups[b].cpu()
+        for gid in ids.unique().tolist():
             if gid < 0:
                 continue
-            idx = (groups[b] == gid).nonzero().flatten().to(q.device)
+            idx = (ids == gid).nonzero().flatten().to(q.device)
             qg, kg, vg = q[b][:, idx], k[b][:, idx], v[b][:, idx]                   # (H, n_g, d)
-            out[b][:, idx] = torch.softmax(qg @ kg.transpose(-2, -1) * scale, dim=-1) @ vg
+            scores = qg @ kg.transpose(-2, -1) * scale
+            if bias is not None:
+                pos = idx if bias_index is None else bias_index[b].to(q.device)[idx]
+                scores = scores + bias[:, pos][:, :, pos]
+            out[b][:, idx] = torch.softmax(scores, dim=-1) @ vg
     return out
 
 
@@ -168,6 +177,25 @@ def test_reference_matches_oracle():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_reference_with_bias_matches_oracle():
+    """The torch reference with a bias (with groups and padding, without groups, and with a bias_index) against
+    the oracle, output and gradients of q, k, v and the bias, all in float64."""
+    gen = torch.Generator().manual_seed(10)
+    B, H, N, d = 3, 2, 49, 8
+    groups = make_groups("padding", B, N, gen)
+    index = torch.stack([torch.randperm(N, generator=gen) for _ in range(B)])
+    for groups_, index_ in ((groups, None), (None, None), (groups, index)):
+        q, k, v = (torch.randn(B, H, N, d, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        bias = torch.randn(H, N, N, generator=gen, dtype=torch.float64, requires_grad=True)
+        grad_out = torch.randn(B, H, N, d, generator=gen, dtype=torch.float64)
+        got = attention_reference(q, k, v, groups_, bias, index_)
+        want = oracle(q, k, v, groups_, bias, index_)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        for g, w in zip(torch.autograd.grad(got, (q, k, v, bias), grad_out),
+                        torch.autograd.grad(want, (q, k, v, bias), grad_out)):
+            torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
 def test_single_group_equals_plain_attention():
     """One group for every token must be exactly the unmasked softmax attention (SDPA)."""
     gen = torch.Generator().manual_seed(4)
@@ -236,6 +264,14 @@ def test_bad_input_names_the_value():
         attention(q, q, q, torch.zeros(1, 8))
     with pytest.raises(ValueError, match="share one shape"):
         attention(q, q[:, :1], q, torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \(H, N, N\) = \(2, 8, 8\)"):
+        attention(q, q, q, bias=torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="bias must be a float tensor"):
+        attention(q, q, q, bias=torch.zeros(2, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="bias_index was given without a bias"):
+        attention(q, q, q, torch.zeros(1, 8, dtype=torch.long), bias_index=torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"bias_index must be an integer tensor of shape \(B, N\) = \(1, 8\)"):
+        attention(q, q, q, bias=torch.zeros(2, 8, 8), bias_index=torch.zeros(8, dtype=torch.long))
     big = torch.randn(1, 1, 8, 256, device=DEVICE)
     with pytest.raises(ValueError, match="head dim 256"):
         attention(big, big, big, torch.zeros(1, 8, dtype=torch.long, device=DEVICE), backend="triton")
