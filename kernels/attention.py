@@ -144,14 +144,90 @@ def _prepare_groups(groups, device):
 
 if triton is not None:  # Triton is optional: without it every call takes the torch reference.
 
+    # Shared pieces of the three kernels (the split of triton-lang/triton: python/tutorials/06-fused-attention.py,
+    # where the kernels are thin drivers around jitted helpers). Every kernel owns one tile of one (batch, head)
+    # sequence and steps over the tiles of the other side (keys for the forward and dQ, queries for dK/dV).
+
     @triton.jit
-    def _tile_groups(g):
-        """Summary of a tile's group ids g (BLOCK,) with padding and out-of-range lanes = -1:
-        (smallest id >= 0 or INT32_MAX if none, largest id or -1 if none, True iff all lanes hold one id >= 0)."""
-        lo = tl.min(tl.where(g >= 0, g, 2147483647), axis=0)
-        hi = tl.max(g, axis=0)
-        pure = (tl.min(g, axis=0) == hi) & (hi >= 0)
-        return lo, hi, pure
+    def _tile(GROUPS, b, N, start, end, BLOCK: tl.constexpr):
+        """Positions start..start+BLOCK-1 of sequence b, valid below `end`, and their group ids (-1 for padding
+        and invalid lanes) -> offs, valid, ids, lo (smallest id >= 0, INT32_MAX if none), hi (largest id, -1
+        if none), pure (every lane holds one and the same id >= 0)."""
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < end
+        ids = tl.load(GROUPS + b * N + offs, mask=valid, other=-1)
+        lo = tl.min(tl.where(ids >= 0, ids, 2147483647), axis=0)
+        hi = tl.max(ids, axis=0)
+        pure = (tl.min(ids, axis=0) == hi) & (hi >= 0)
+        return offs, valid, ids, lo, hi, pure
+
+    @triton.jit
+    def _owned_tile(GROUPS, FIRST, LAST, H, N, BLOCK: tl.constexpr):
+        """The tile this program owns: program ids -> pid_bh, batch b, head h, then _tile's six values for
+        tile program_id(0), then [start, end): the positions of the other side that can matter to it, the
+        union of its tokens' group spans (the relation is symmetric, so this holds for keys and queries)."""
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        offs, valid, ids, lo, hi, pure = _tile(GROUPS, b, N, tl.program_id(0) * BLOCK, N, BLOCK)
+        start = tl.min(tl.load(FIRST + b * N + offs, mask=valid, other=2147483647), axis=0)
+        end = tl.max(tl.load(LAST + b * N + offs, mask=valid, other=-1), axis=0) + 1
+        return pid_bh, b, pid_bh % H, offs, valid, ids, lo, hi, pure, start, end
+
+    @triton.jit
+    def _visit(GROUPS, b, N, start, end, own_lo, own_hi, own_pure, BLOCK: tl.constexpr):
+        """One step of the inner loop: the tile at `start` (valid below `end`) -> offs, valid, ids, then
+        meets (its [lo, hi] group range meets the owned tile's: else no same-group pair, skip it) and full
+        (both tiles hold one and the same group, no padding, no tail: no per-element mask)."""
+        offs, valid, ids, lo, hi, pure = _tile(GROUPS, b, N, start, end, BLOCK)
+        return offs, valid, ids, (hi >= own_lo) & (lo <= own_hi), own_pure & pure & (own_lo == lo)
+
+    @triton.jit
+    def _rows(T, b, h, stride_b, stride_h, stride_n, offs, valid, HEAD_DIM, BLOCK_D: tl.constexpr):
+        """Pointers and mask of rows `offs` of head (b, h) of a (B, H, N, HEAD_DIM) tensor, last dim contiguous
+        (int64 offsets: B * H * N * d may pass 2^31)."""
+        offs_d = tl.arange(0, BLOCK_D)
+        base = T + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+        return base + offs[:, None] * stride_n + offs_d[None, :], valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    @triton.jit
+    def _load_rows(T, b, h, stride_b, stride_h, stride_n, offs, valid, HEAD_DIM,
+                   BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+        """The (BLOCK, BLOCK_D) tile of rows `offs`, zeros outside valid rows and the head dim (fp32 if UPCAST)."""
+        ptrs, mask = _rows(T, b, h, stride_b, stride_h, stride_n, offs, valid, HEAD_DIM, BLOCK_D)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+        if UPCAST:
+            tile = tile.to(tl.float32)
+        return tile
+
+    @triton.jit
+    def _store_rows(T, b, h, stride_b, stride_h, stride_n, offs, valid, HEAD_DIM, value, BLOCK_D: tl.constexpr):
+        ptrs, mask = _rows(T, b, h, stride_b, stride_h, stride_n, offs, valid, HEAD_DIM, BLOCK_D)
+        tl.store(ptrs, value.to(T.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _scores(x, y, qk_scale, ids_x, ids_y, full, DOT_PRECISION: tl.constexpr):
+        """Base-2 scores x y^T * qk_scale of rows x against rows y (queries against keys, or keys against
+        queries in the dK/dV kernel: the mask is symmetric); -inf where the groups differ, unless `full`."""
+        s = tl.dot(x, tl.trans(y), input_precision=DOT_PRECISION) * qk_scale
+        if not full:
+            same = (ids_x[:, None] == ids_y[None, :]) & (ids_x[:, None] >= 0)
+            s = tl.where(same, s, float("-inf"))
+        return s
+
+    @triton.jit
+    def _probs_and_ds(x, y, dx, dy, lse, delta, qk_scale, ids_x, ids_y, full, DOT_PRECISION: tl.constexpr):
+        """Backward of one tile pair, in the orientation of _scores(x, y): P = exp2(S - lse) (exactly 0 where
+        masked and on padding rows, whose lse is +inf) and dS = P * (dP - Delta) with dP = dx dy^T.
+        dQ kernel: x, y, dx, dy = q, k, dO, v and lse, delta as columns; dK/dV kernel: k, q, v, dO and rows."""
+        p = tl.math.exp2(_scores(x, y, qk_scale, ids_x, ids_y, full, DOT_PRECISION) - lse)
+        dp = tl.dot(dx, tl.trans(dy), input_precision=DOT_PRECISION)
+        return p, p * (dp - delta)
+
+    @triton.jit
+    def _lse_delta(LSE, DELTA, pid_bh, N, offs, valid):
+        """Forward log-sum-exp (base 2; +inf outside valid rows) and Delta = rowsum(O * dO) of rows `offs`."""
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * N + offs, mask=valid, other=float("inf"))
+        return lse, tl.load(DELTA + pid_bh.to(tl.int64) * N + offs, mask=valid, other=0.0)
 
 
     @triton.jit
@@ -172,67 +248,33 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         UPCAST: tl.constexpr,         # load tiles as fp32 (bf16 in the interpreter)
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, default otherwise
     ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-        o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_valid = offs_m < N
-        d_valid = offs_d < HEAD_DIM
-
-        g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
-        q_lo, q_hi, q_pure = _tile_groups(g_q)
-        # Keys that can matter to this tile: the union of its tokens' group spans.
-        key_start = tl.min(tl.load(FIRST + b * N + offs_m, mask=row_valid, other=2147483647), axis=0)
-        key_end = tl.max(tl.load(LAST + b * N + offs_m, mask=row_valid, other=-1), axis=0) + 1
-
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-
+        """One program per query tile: online softmax over the key tiles of its group span."""
+        pid_bh, b, h, offs_m, row_valid, g_q, q_lo, q_hi, q_pure, key_start, key_end = _owned_tile(
+            GROUPS, FIRST, LAST, H, N, BLOCK_M)
+        q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_qn, offs_m, row_valid, HEAD_DIM, BLOCK_D, UPCAST)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running max of the base-2 scores
         l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of exp2(score - m_i)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)          # running sum of exp2(score - m_i) * v
 
         for start_n in range(key_start, key_end, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_valid = offs_n < key_end
-            g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
-            k_lo, k_hi, k_pure = _tile_groups(g_k)
-            if (k_hi >= q_lo) & (k_lo <= q_hi):                 # else: no same-group pair, skip the tile
-                kv_mask = key_valid[:, None] & d_valid[None, :]
-                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BLOCK_M, BLOCK_N) fp32
-                if q_pure & k_pure & (q_lo == k_lo):
-                    scores = qk * qk_scale                      # full tile: one group on both sides, no mask
-                else:
-                    same = (g_q[:, None] == g_k[None, :]) & (g_k[None, :] >= 0)
-                    scores = tl.where(same, qk * qk_scale, float("-inf"))
+            offs_n, key_valid, g_k, meets, full = _visit(GROUPS, b, N, start_n, key_end, q_lo, q_hi, q_pure, BLOCK_N)
+            if meets:
+                k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
+                scores = _scores(q, k, qk_scale, g_q, g_k, full, DOT_PRECISION)   # (BLOCK_M, BLOCK_N) fp32
                 m_new = tl.maximum(m_i, tl.max(scores, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: stay finite
                 p = tl.math.exp2(scores - m_safe[:, None])
                 alpha = tl.math.exp2(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
                 m_i = m_new
 
         has_key = l_i > 0
-        out = acc / tl.where(has_key, l_i, 1.0)[:, None]
         lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
         tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_valid)
-        tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(O.dtype.element_ty),
-                 mask=row_valid[:, None] & d_valid[None, :])
+        _store_rows(O, b, h, stride_ob, stride_oh, stride_on, offs_m, row_valid, HEAD_DIM,
+                    acc / tl.where(has_key, l_i, 1.0)[:, None], BLOCK_D)
 
 
     @triton.jit
@@ -254,64 +296,30 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         UPCAST: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        """One program per key tile: dV = sum over query tiles of P^T dO, dK = scale * sum of dS^T Q."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        row_base = pid_bh.to(tl.int64) * N                      # into LSE, DELTA and the contiguous DK, DV
-
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        key_valid = offs_n < N
-        d_valid = offs_d < HEAD_DIM
-
-        g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
-        k_lo, k_hi, k_pure = _tile_groups(g_k)
-        # The relation is symmetric, so the queries that can see these keys lie in the keys' group spans.
-        query_start = tl.min(tl.load(FIRST + b * N + offs_n, mask=key_valid, other=2147483647), axis=0)
-        query_end = tl.max(tl.load(LAST + b * N + offs_n, mask=key_valid, other=-1), axis=0) + 1
-
-        kv_mask = key_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        """One program per key tile: dV = sum over query tiles of P^T dO, dK = scale * sum of dS^T Q
+        (tiles held transposed, keys as rows, as in the tutorial's dK/dV loop)."""
+        pid_bh, b, h, offs_n, key_valid, g_k, k_lo, k_hi, k_pure, query_start, query_end = _owned_tile(
+            GROUPS, FIRST, LAST, H, N, BLOCK_N)
+        k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
+        v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
         for start_m in range(query_start, query_end, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_valid = offs_m < query_end
-            g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
-            q_lo, q_hi, q_pure = _tile_groups(g_q)
-            if (k_hi >= q_lo) & (k_lo <= q_hi):                 # else: no same-group pair, skip the tile
-                q_mask = row_valid[:, None] & d_valid[None, :]
-                q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
-                lse = tl.load(LSE + row_base + offs_m, mask=row_valid, other=float("inf"))
-                delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
-                qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)     # (BLOCK_N, BLOCK_M) = S^T / scale
-                p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
-                if not (q_pure & k_pure & (q_lo == k_lo)):      # partial tile: per-element mask
-                    same = (g_k[:, None] == g_q[None, :]) & (g_k[:, None] >= 0)
-                    p_t = tl.where(same, p_t, 0.0)
+            offs_m, row_valid, g_q, meets, full = _visit(GROUPS, b, N, start_m, query_end, k_lo, k_hi, k_pure, BLOCK_M)
+            if meets:
+                q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_qn, offs_m, row_valid, HEAD_DIM, BLOCK_D, UPCAST)
+                do = _load_rows(DO, b, h, stride_dob, stride_doh, stride_don, offs_m, row_valid, HEAD_DIM,
+                                BLOCK_D, UPCAST)
+                lse, delta = _lse_delta(LSE, DELTA, pid_bh, N, offs_m, row_valid)
+                p_t, ds_t = _probs_and_ds(k, q, v, do, lse[None, :], delta[None, :], qk_scale, g_k, g_q, full,
+                                          DOT_PRECISION)                 # (BLOCK_N, BLOCK_M): P^T, dS^T
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-                dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)    # (BLOCK_N, BLOCK_M) = dP^T
-                ds_t = p_t * (dp_t - delta[None, :])
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
 
-        out_ptrs = row_base * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(DK + out_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + out_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        _store_rows(DK, b, h, H * N * HEAD_DIM, N * HEAD_DIM, HEAD_DIM, offs_n, key_valid, HEAD_DIM, dk * sm_scale,
+                    BLOCK_D)
+        _store_rows(DV, b, h, H * N * HEAD_DIM, N * HEAD_DIM, HEAD_DIM, offs_n, key_valid, HEAD_DIM, dv, BLOCK_D)
 
 
     @triton.jit
@@ -334,59 +342,24 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         DOT_PRECISION: tl.constexpr,
     ):
         """One program per query tile: dQ = scale * sum over key tiles of dS K."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        row_base = pid_bh.to(tl.int64) * N
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        row_valid = offs_m < N
-        d_valid = offs_d < HEAD_DIM
-
-        g_q = tl.load(GROUPS + b * N + offs_m, mask=row_valid, other=-1)
-        q_lo, q_hi, q_pure = _tile_groups(g_q)
-        key_start = tl.min(tl.load(FIRST + b * N + offs_m, mask=row_valid, other=2147483647), axis=0)
-        key_end = tl.max(tl.load(LAST + b * N + offs_m, mask=row_valid, other=-1), axis=0) + 1
-
-        q_mask = row_valid[:, None] & d_valid[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(LSE + row_base + offs_m, mask=row_valid, other=float("inf"))
-        delta = tl.load(DELTA + row_base + offs_m, mask=row_valid, other=0.0)
+        pid_bh, b, h, offs_m, row_valid, g_q, q_lo, q_hi, q_pure, key_start, key_end = _owned_tile(
+            GROUPS, FIRST, LAST, H, N, BLOCK_M)
+        q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_qn, offs_m, row_valid, HEAD_DIM, BLOCK_D, UPCAST)
+        do = _load_rows(DO, b, h, stride_dob, stride_doh, stride_don, offs_m, row_valid, HEAD_DIM, BLOCK_D, UPCAST)
+        lse, delta = _lse_delta(LSE, DELTA, pid_bh, N, offs_m, row_valid)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         for start_n in range(key_start, key_end, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            key_valid = offs_n < key_end
-            g_k = tl.load(GROUPS + b * N + offs_n, mask=key_valid, other=-1)
-            k_lo, k_hi, k_pure = _tile_groups(g_k)
-            if (k_hi >= q_lo) & (k_lo <= q_hi):
-                kv_mask = key_valid[:, None] & d_valid[None, :]
-                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)        # (BLOCK_M, BLOCK_N)
-                p = tl.math.exp2(qk * qk_scale - lse[:, None])
-                if not (q_pure & k_pure & (q_lo == k_lo)):
-                    same = (g_q[:, None] == g_k[None, :]) & (g_k[None, :] >= 0)
-                    p = tl.where(same, p, 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)       # (BLOCK_M, BLOCK_N)
-                ds = p * (dp - delta[:, None])
+            offs_n, key_valid, g_k, meets, full = _visit(GROUPS, b, N, start_n, key_end, q_lo, q_hi, q_pure, BLOCK_N)
+            if meets:
+                k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
+                v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
+                p, ds = _probs_and_ds(q, k, do, v, lse[:, None], delta[:, None], qk_scale, g_q, g_k, full,
+                                      DOT_PRECISION)                     # (BLOCK_M, BLOCK_N)
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
-        out_ptrs = row_base * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(DQ + out_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+        _store_rows(DQ, b, h, H * N * HEAD_DIM, N * HEAD_DIM, HEAD_DIM, offs_m, row_valid, HEAD_DIM, dq * sm_scale,
+                    BLOCK_D)
 
 
     def _configs(pairs):
