@@ -26,24 +26,63 @@ query tile on chip and streams key/value tiles with an fp32 online softmax in ba
 folded into the scores); it stores O and the base-2 log-sum-exp, never an N x N tensor. A row with no
 allowed key (padding) keeps m = -inf, l = 0: the exponent is taken against 0 instead of -inf (the guard
 FlexAttention uses) so it stays finite, its output is 0 and its stored lse is +inf, which makes its P row
-exactly 0 in the backward. The backward is two kernels without atomics: one program per key tile
-accumulates dK, dV over query tiles; one program per query tile accumulates dQ over key tiles.
+exactly 0 in the backward. The backward is two launches, with no atomics for dQ, dK, dV: one program per
+key tile accumulates dK, dV over query tiles; one program per query tile accumulates dQ over key tiles.
+The kernels are thin drivers around shared jitted helpers (as in the tutorial): `_owned_tile` (program ids,
+the owned tile, its group summary and the span of the other side to visit), `_visit` (one inner-loop tile:
+skip or not, full or partial), `_load_rows` / `_load_two` / `_store_rows` (masked tile access), `_scores`
+(masked base-2 scores with the bias), `_probs_and_ds` (P and dS of a tile pair in either orientation).
 
-Group masks cost work only where groups meet (SPEC 3.6, reference notes A.5 option 3):
+Group masks cost work only where groups meet (FlexAttention's split of key blocks into full ones, unmasked,
+and partial ones, masked per element, pytorch/pytorch: torch/_inductor/kernel/flex/templates/
+flex_attention.py.jinja, decided here per tile pair from the group ids instead of from a prebuilt block mask):
   * per token, the first and last position of its group (`_group_spans`: a sort + searchsorted on the
     host, O(B N log N), once per groups tensor since the ViT passes the same one to every block) bound the
-    key loop of a query tile to [min first, max last] and the query loop of a key tile likewise; the loop may start at any position, not only at a tile boundary. With tokens sorted
-    by group (MixMIM after sorting) a query tile inside one group touches only that group's keys, so two
-    equal groups cost about half of dense attention;
+    key loop of a query tile to [min first, max last] and the query loop of a key tile likewise; the loop
+    may start at any position, not only at a tile boundary. With tokens sorted by group (MixMIM after
+    sorting) a query tile inside one group visits only that group's keys, so two equal groups visit about
+    half the tile pairs of dense attention;
   * inside that span a key tile whose [min, max] group range does not meet the query tile's is skipped;
   * a tile pair where both sides hold one and the same group (no padding, no tail) is "full": no
     per-element mask. Every other tile pair is "partial": where(g_i == g_j >= 0, S, -inf).
+groups=None with a bias runs the same kernels with every token in group 0 (all tiles full but the tail).
+
+The bias (MixMIM's windowed encoder, Sense-X/MixMIM: models_mixmim.py WindowAttention: one relative-position
+table per head, shared by every window of every image):
+  * forward and backward read it tile by tile at bias[h, pos_i, pos_j] (pos = the position, or its
+    bias_index entry), only for the tile pairs they visit. The table is fp32 (the host casts another dtype
+    once per call; autograd casts the gradient back); the tile, divided by the softmax scale, is the initial
+    accumulator of the Q K^T dot, so it reaches the scores with one layout conversion and no extra pass.
+  * dbias: the dK/dV kernel adds each visited dS tile (where P > 0) into a zeroed fp32 (H, N, N) buffer with
+    tl.atomic_add, the choice FlexAttention made for captured buffers that need a gradient
+    (pytorch/pytorch#137452). Why: the bias gradient is a sum over the batch of quantities each (batch,
+    head) program already has in registers, so it costs no extra matmul, launch or partial buffer, and a
+    few lines. Cost: up to B * H * N^2 fp32 atomic adds (one per dS element with P > 0) onto H * N^2
+    addresses, each address hit by up to B sequences (B = windows x images, e.g. 16 x 128 at MixMIM-B's
+    first stage); the summation order varies from run to run, so dbias is not bitwise reproducible (it
+    differs by fp32 rounding); H * N^2 * 4 bytes of memory. The autotuner re-zeroes the buffer before each
+    timed config. Not timed: if the atomics prove slow, the alternative is a separate deterministic pass
+    with one program per (head, tile pair) looping over the batch, which recomputes Q K^T and dO V^T (two
+    more matmuls per visited tile pair, about 2/7 more backward matmul work).
+  * token reordering: supported, through bias_index. MixMIM's windows are not shifted, so the tokens of
+    each window can be sorted by group once per stage (norms and MLPs act per token) and unsorted before
+    the patch merging; the sorted window then needs bias[h, idx_i, idx_j], which the kernels gather. Why:
+    at 64-wide tiles a 196-token window of two groups (96 + 100 tokens at MixMIM-B's third stage, 18 of its
+    24 blocks) visits 10 of its 16 tile pairs sorted against all 16 in grid order (28 to 31 of 49 at 32-wide
+    tiles); a 49-token window is one 64-wide tile and gains nothing (3 of 4 pairs at 32-wide). Cost: one
+    (BLOCK,) int32 load per tile side and a gathered bias tile instead of row-contiguous loads (the table,
+    H * N^2 * 4 bytes, 2.3 MiB for 16 heads of 196^2, is small enough to stay in a GPU's L2 cache); the
+    index is range-checked once per tensor (one host sync, cached like the groups' spans). Windows sorted
+    by one permutation p shared by the whole batch can instead take a permuted table, bias[:, p][:, :, p].
 
 Tails (any N) and head dims that are not a power of two (80 -> a 128-wide tile) are masked loads and stores.
 fp32 inputs use IEEE fp32 dot products (no TF32) so they match a float64 reference to ~1e-6, with one
-fixed tile config; fp16/bf16 are autotuned over a few tile shapes per (N, d, dtype).
+fixed tile config; fp16/bf16 are autotuned over a few tile shapes per (N, d, dtype, bias, index).
 Triton's interpreter (TRITON_INTERPRET=1, CPU) computes bf16 wrongly, so there bf16 tiles are upcast to
 fp32 on load; natively bf16 goes straight to the tensor cores.
+Status: tests/test_attention.py checks every path against a float64 oracle under the interpreter (and natively
+where CUDA is present); GPU timings and their commit are in kernels/BENCHMARKS.md, which also says what has
+changed since (the helper re-cut and the bias have not been run or timed on a GPU).
 """
 import math
 import os
@@ -116,28 +155,57 @@ def _group_spans(groups):
     return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
 
 
-_prepared = {}   # one entry: the last groups tensor seen -> its int32 copy and spans
+_prepared = {}   # per kind ("groups", "index"): the last tensor seen -> what the kernels take from it
+
+
+def _cached(kind, tensor, device, prepare):
+    """prepare(tensor) for the last tensor of this kind seen, cached.
+
+    The ViT passes the same groups tensor (and bias index) to every block, so the sort behind the spans (and
+    the range check of the index) runs once per forward, not once per block. The cache is keyed on the
+    tensor object (weak reference), its storage and its in-place version counter, so a tensor changed in
+    place is prepared again.
+    """
+    try:
+        key = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.dtype, tensor.device, device)
+    except RuntimeError:          # inference-mode tensors have no version counter: do not cache
+        key = None
+    entry = _prepared.get(kind)
+    if key is not None and entry is not None and entry[0] == key and entry[1]() is tensor:
+        return entry[2]
+    prepared = prepare(tensor)
+    if key is not None:
+        _prepared[kind] = (key, weakref.ref(tensor), prepared)
+    return prepared
 
 
 def _prepare_groups(groups, device):
-    """groups (B, N) int -> (int32 ids, first, last) on `device`, cached for the last groups tensor.
+    """groups (B, N) int -> (int32 ids, first, last) on `device`, cached for the last groups tensor."""
+    def prepare(groups):
+        groups32 = groups.to(device=device, dtype=torch.int32).contiguous()
+        return (groups32, *_group_spans(groups32))
+    return _cached("groups", groups, device, prepare)
 
-    The ViT passes the same groups tensor to every block, so the sort behind the spans runs once per forward,
-    not once per block. The cache is keyed on the tensor object (weak reference), its storage and its
-    in-place version counter, so a groups tensor changed in place is prepared again.
-    """
-    try:
-        key = (groups.data_ptr(), groups._version, tuple(groups.shape), groups.dtype, groups.device, device)
-    except RuntimeError:          # inference-mode tensors have no version counter: do not cache
-        key = None
-    entry = _prepared.get("last")
-    if key is not None and entry is not None and entry[0] == key and entry[1]() is groups:
-        return entry[2]
-    groups32 = groups.to(device=device, dtype=torch.int32).contiguous()
-    prepared = (groups32, *_group_spans(groups32))
-    if key is not None:
-        _prepared["last"] = (key, weakref.ref(groups), prepared)
-    return prepared
+
+_one_group = {}  # (B, N, device) -> (ids, first, last) of sequences that are one group (groups=None, a bias)
+
+
+def _prepare_one_group(batch, n, device):
+    key = (batch, n, device)
+    if key not in _one_group:
+        zeros = torch.zeros(batch, n, dtype=torch.int32, device=device)
+        _one_group[key] = (zeros, zeros, torch.full_like(zeros, n - 1))
+    return _one_group[key]
+
+
+def _prepare_index(bias_index, n, device):
+    """bias_index (B, N) int -> int32 copy on `device`, checked to lie in [0, N) once per tensor (one sync)."""
+    def prepare(index):
+        if bool(((index < 0) | (index >= n)).any()):
+            raise ValueError(f"attention: bias_index holds values outside [0, {n}); each entry must be a row of "
+                             "the (H, N, N) bias table.")
+        return index.to(device=device, dtype=torch.int32).contiguous()
+    return _cached("index", bias_index, device, prepare)
 
 
 # ----------------------------------------------------------------------------------------------- Triton
@@ -149,37 +217,42 @@ if triton is not None:  # Triton is optional: without it every call takes the to
     # sequence and steps over the tiles of the other side (keys for the forward and dQ, queries for dK/dV).
 
     @triton.jit
-    def _tile(GROUPS, b, N, start, end, BLOCK: tl.constexpr):
-        """Positions start..start+BLOCK-1 of sequence b, valid below `end`, and their group ids (-1 for padding
-        and invalid lanes) -> offs, valid, ids, lo (smallest id >= 0, INT32_MAX if none), hi (largest id, -1
-        if none), pure (every lane holds one and the same id >= 0)."""
+    def _tile(GROUPS, BIAS_INDEX, b, N, start, end, BLOCK: tl.constexpr, HAS_INDEX: tl.constexpr):
+        """Positions start..start+BLOCK-1 of sequence b, valid below `end`, their rows in the bias table and
+        their group ids (-1 for padding and invalid lanes) -> offs, valid, pos, ids, lo (smallest id >= 0,
+        INT32_MAX if none), hi (largest id, -1 if none), pure (every lane holds one and the same id >= 0)."""
         offs = start + tl.arange(0, BLOCK)
         valid = offs < end
+        pos = offs
+        if HAS_INDEX:
+            pos = tl.load(BIAS_INDEX + b * N + offs, mask=valid, other=0)
         ids = tl.load(GROUPS + b * N + offs, mask=valid, other=-1)
         lo = tl.min(tl.where(ids >= 0, ids, 2147483647), axis=0)
         hi = tl.max(ids, axis=0)
         pure = (tl.min(ids, axis=0) == hi) & (hi >= 0)
-        return offs, valid, ids, lo, hi, pure
+        return offs, valid, pos, ids, lo, hi, pure
 
     @triton.jit
-    def _owned_tile(GROUPS, FIRST, LAST, H, N, BLOCK: tl.constexpr):
-        """The tile this program owns: program ids -> pid_bh, batch b, head h, then _tile's six values for
+    def _owned_tile(GROUPS, FIRST, LAST, BIAS_INDEX, H, N, BLOCK: tl.constexpr, HAS_INDEX: tl.constexpr):
+        """The tile this program owns: program ids -> pid_bh, batch b, head h, then _tile's seven values for
         tile program_id(0), then [start, end): the positions of the other side that can matter to it, the
         union of its tokens' group spans (the relation is symmetric, so this holds for keys and queries)."""
         pid_bh = tl.program_id(1)
         b = pid_bh // H
-        offs, valid, ids, lo, hi, pure = _tile(GROUPS, b, N, tl.program_id(0) * BLOCK, N, BLOCK)
+        offs, valid, pos, ids, lo, hi, pure = _tile(GROUPS, BIAS_INDEX, b, N, tl.program_id(0) * BLOCK, N, BLOCK,
+                                                    HAS_INDEX)
         start = tl.min(tl.load(FIRST + b * N + offs, mask=valid, other=2147483647), axis=0)
         end = tl.max(tl.load(LAST + b * N + offs, mask=valid, other=-1), axis=0) + 1
-        return pid_bh, b, pid_bh % H, offs, valid, ids, lo, hi, pure, start, end
+        return pid_bh, b, pid_bh % H, offs, valid, pos, ids, lo, hi, pure, start, end
 
     @triton.jit
-    def _visit(GROUPS, b, N, start, end, own_lo, own_hi, own_pure, BLOCK: tl.constexpr):
-        """One step of the inner loop: the tile at `start` (valid below `end`) -> offs, valid, ids, then
+    def _visit(GROUPS, BIAS_INDEX, b, N, start, end, own_lo, own_hi, own_pure, BLOCK: tl.constexpr,
+               HAS_INDEX: tl.constexpr):
+        """One step of the inner loop: the tile at `start` (valid below `end`) -> offs, valid, pos, ids, then
         meets (its [lo, hi] group range meets the owned tile's: else no same-group pair, skip it) and full
         (both tiles hold one and the same group, no padding, no tail: no per-element mask)."""
-        offs, valid, ids, lo, hi, pure = _tile(GROUPS, b, N, start, end, BLOCK)
-        return offs, valid, ids, (hi >= own_lo) & (lo <= own_hi), own_pure & pure & (own_lo == lo)
+        offs, valid, pos, ids, lo, hi, pure = _tile(GROUPS, BIAS_INDEX, b, N, start, end, BLOCK, HAS_INDEX)
+        return offs, valid, pos, ids, (hi >= own_lo) & (lo <= own_hi), own_pure & pure & (own_lo == lo)
 
     @triton.jit
     def _rows(T, b, h, stride_b, stride_h, stride_n, offs, valid, HEAD_DIM, BLOCK_D: tl.constexpr):
@@ -200,26 +273,41 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         return tile
 
     @triton.jit
+    def _load_two(A, C, b, h, stride_ab, stride_ah, stride_an, stride_cb, stride_ch, stride_cn, offs, valid, HEAD_DIM,
+                  BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+        """The same rows of two tensors: (k, v) for the forward and dQ, (q, dO) for dK/dV, and the reverse."""
+        a = _load_rows(A, b, h, stride_ab, stride_ah, stride_an, offs, valid, HEAD_DIM, BLOCK_D, UPCAST)
+        return a, _load_rows(C, b, h, stride_cb, stride_ch, stride_cn, offs, valid, HEAD_DIM, BLOCK_D, UPCAST)
+
+    @triton.jit
     def _store_rows(T, b, h, stride_b, stride_h, stride_n, offs, valid, HEAD_DIM, value, BLOCK_D: tl.constexpr):
         ptrs, mask = _rows(T, b, h, stride_b, stride_h, stride_n, offs, valid, HEAD_DIM, BLOCK_D)
         tl.store(ptrs, value.to(T.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _scores(x, y, qk_scale, ids_x, ids_y, full, DOT_PRECISION: tl.constexpr):
-        """Base-2 scores x y^T * qk_scale of rows x against rows y (queries against keys, or keys against
-        queries in the dK/dV kernel: the mask is symmetric); -inf where the groups differ, unless `full`."""
-        s = tl.dot(x, tl.trans(y), input_precision=DOT_PRECISION) * qk_scale
+    def _scores(x, y, qk_scale, ids_x, ids_y, full, BIAS, bias_offs, pair_valid,
+                HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Base-2 scores x y^T * qk_scale (+ the bias entries at bias_offs, times log2(e)) of rows x against
+        rows y: queries against keys, or keys against queries in the dK/dV kernel (the mask is symmetric;
+        the caller lays bias_offs out in the same orientation); -inf where the groups differ, unless `full`."""
+        if HAS_BIAS:      # the bias, in units of x y^T, is the dot's initial accumulator
+            acc = tl.load(BIAS + bias_offs, mask=pair_valid, other=0.0) * (1.4426950408889634 / qk_scale)
+            s = tl.dot(x, tl.trans(y), acc, input_precision=DOT_PRECISION) * qk_scale
+        else:
+            s = tl.dot(x, tl.trans(y), input_precision=DOT_PRECISION) * qk_scale
         if not full:
             same = (ids_x[:, None] == ids_y[None, :]) & (ids_x[:, None] >= 0)
             s = tl.where(same, s, float("-inf"))
         return s
 
     @triton.jit
-    def _probs_and_ds(x, y, dx, dy, lse, delta, qk_scale, ids_x, ids_y, full, DOT_PRECISION: tl.constexpr):
+    def _probs_and_ds(x, y, dx, dy, lse, delta, qk_scale, ids_x, ids_y, full, BIAS, bias_offs, pair_valid,
+                      HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """Backward of one tile pair, in the orientation of _scores(x, y): P = exp2(S - lse) (exactly 0 where
         masked and on padding rows, whose lse is +inf) and dS = P * (dP - Delta) with dP = dx dy^T.
         dQ kernel: x, y, dx, dy = q, k, dO, v and lse, delta as columns; dK/dV kernel: k, q, v, dO and rows."""
-        p = tl.math.exp2(_scores(x, y, qk_scale, ids_x, ids_y, full, DOT_PRECISION) - lse)
+        s = _scores(x, y, qk_scale, ids_x, ids_y, full, BIAS, bias_offs, pair_valid, HAS_BIAS, DOT_PRECISION)
+        p = tl.math.exp2(s - lse)
         dp = tl.dot(dx, tl.trans(dy), input_precision=DOT_PRECISION)
         return p, p * (dp - delta)
 
@@ -236,6 +324,7 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         O,                            # (B, H, N, HEAD_DIM) output (any strides, last dim contiguous)
         LSE,                          # (B, H, N) fp32 out: base-2 log-sum-exp of the scaled scores (+inf: no key)
         GROUPS, FIRST, LAST,          # (B, N) int32 contiguous: group ids and each token's group span
+        BIAS, BIAS_INDEX,             # (H, N, N) fp32 and (B, N) int32, contiguous (read if HAS_BIAS / HAS_INDEX)
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -247,20 +336,24 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         BLOCK_D: tl.constexpr,        # head dim padded to a power of two (>= 16)
         UPCAST: tl.constexpr,         # load tiles as fp32 (bf16 in the interpreter)
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs, default otherwise
+        HAS_BIAS: tl.constexpr,
+        HAS_INDEX: tl.constexpr,
     ):
         """One program per query tile: online softmax over the key tiles of its group span."""
-        pid_bh, b, h, offs_m, row_valid, g_q, q_lo, q_hi, q_pure, key_start, key_end = _owned_tile(
-            GROUPS, FIRST, LAST, H, N, BLOCK_M)
+        pid_bh, b, h, offs_m, row_valid, pos_m, g_q, q_lo, q_hi, q_pure, key_start, key_end = _owned_tile(
+            GROUPS, FIRST, LAST, BIAS_INDEX, H, N, BLOCK_M, HAS_INDEX)
         q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_qn, offs_m, row_valid, HEAD_DIM, BLOCK_D, UPCAST)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)     # running max of the base-2 scores
         l_i = tl.zeros([BLOCK_M], tl.float32)                   # running sum of exp2(score - m_i)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)          # running sum of exp2(score - m_i) * v
 
         for start_n in range(key_start, key_end, BLOCK_N):
-            offs_n, key_valid, g_k, meets, full = _visit(GROUPS, b, N, start_n, key_end, q_lo, q_hi, q_pure, BLOCK_N)
+            offs_n, key_valid, pos_n, g_k, meets, full = _visit(GROUPS, BIAS_INDEX, b, N, start_n, key_end,
+                                                                q_lo, q_hi, q_pure, BLOCK_N, HAS_INDEX)
             if meets:
                 k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
-                scores = _scores(q, k, qk_scale, g_q, g_k, full, DOT_PRECISION)   # (BLOCK_M, BLOCK_N) fp32
+                scores = _scores(q, k, qk_scale, g_q, g_k, full, BIAS, h * N * N + pos_m[:, None] * N + pos_n[None, :],
+                                 row_valid[:, None] & key_valid[None, :], HAS_BIAS, DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
                 m_new = tl.maximum(m_i, tl.max(scores, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: stay finite
                 p = tl.math.exp2(scores - m_safe[:, None])
@@ -283,6 +376,8 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         DK, DV,                       # (B, H, N, HEAD_DIM) contiguous outputs
         LSE, DELTA,                   # (B, H, N) fp32: forward log-sum-exp (base 2), rowsum(O * dO)
         GROUPS, FIRST, LAST,          # (B, N) int32: group ids and each token's group span
+        BIAS, BIAS_INDEX,             # as in the forward
+        DBIAS,                        # (H, N, N) fp32, zeroed: dS summed over the batch by atomic adds
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -295,27 +390,34 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_INDEX: tl.constexpr,
+        BIAS_GRAD: tl.constexpr,      # accumulate DBIAS
     ):
-        """One program per key tile: dV = sum over query tiles of P^T dO, dK = scale * sum of dS^T Q
-        (tiles held transposed, keys as rows, as in the tutorial's dK/dV loop)."""
-        pid_bh, b, h, offs_n, key_valid, g_k, k_lo, k_hi, k_pure, query_start, query_end = _owned_tile(
-            GROUPS, FIRST, LAST, H, N, BLOCK_N)
-        k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
-        v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
+        """One program per key tile: dV = sum over query tiles of P^T dO, dK = scale * sum of dS^T Q, and
+        DBIAS += dS (tiles held transposed, keys as rows, as in the tutorial's dK/dV loop)."""
+        pid_bh, b, h, offs_n, key_valid, pos_n, g_k, k_lo, k_hi, k_pure, query_start, query_end = _owned_tile(
+            GROUPS, FIRST, LAST, BIAS_INDEX, H, N, BLOCK_N, HAS_INDEX)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        k, v = _load_two(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, offs_n,
+                         key_valid, HEAD_DIM, BLOCK_D, UPCAST)
 
         for start_m in range(query_start, query_end, BLOCK_M):
-            offs_m, row_valid, g_q, meets, full = _visit(GROUPS, b, N, start_m, query_end, k_lo, k_hi, k_pure, BLOCK_M)
+            offs_m, row_valid, pos_m, g_q, meets, full = _visit(GROUPS, BIAS_INDEX, b, N, start_m, query_end,
+                                                                k_lo, k_hi, k_pure, BLOCK_M, HAS_INDEX)
             if meets:
-                q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_qn, offs_m, row_valid, HEAD_DIM, BLOCK_D, UPCAST)
-                do = _load_rows(DO, b, h, stride_dob, stride_doh, stride_don, offs_m, row_valid, HEAD_DIM,
-                                BLOCK_D, UPCAST)
                 lse, delta = _lse_delta(LSE, DELTA, pid_bh, N, offs_m, row_valid)
+                q, do = _load_two(Q, DO, b, h, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                                  offs_m, row_valid, HEAD_DIM, BLOCK_D, UPCAST)
+                bias_offs = h * N * N + pos_m[None, :] * N + pos_n[:, None]                 # bias^T
                 p_t, ds_t = _probs_and_ds(k, q, v, do, lse[None, :], delta[None, :], qk_scale, g_k, g_q, full,
+                                          BIAS, bias_offs, key_valid[:, None] & row_valid[None, :], HAS_BIAS,
                                           DOT_PRECISION)                 # (BLOCK_N, BLOCK_M): P^T, dS^T
                 dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
                 dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+                if BIAS_GRAD:   # only where P > 0: masked pairs, padding and invalid lanes add nothing
+                    tl.atomic_add(DBIAS + bias_offs, ds_t, mask=p_t > 0, sem="relaxed")
 
         _store_rows(DK, b, h, H * N * HEAD_DIM, N * HEAD_DIM, HEAD_DIM, offs_n, key_valid, HEAD_DIM, dk * sm_scale,
                     BLOCK_D)
@@ -328,6 +430,7 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         DQ,                           # (B, H, N, HEAD_DIM) contiguous output
         LSE, DELTA,                   # (B, H, N) fp32
         GROUPS, FIRST, LAST,          # (B, N) int32
+        BIAS, BIAS_INDEX,             # as in the forward
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn,
@@ -340,23 +443,27 @@ if triton is not None:  # Triton is optional: without it every call takes the to
         BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_INDEX: tl.constexpr,
     ):
         """One program per query tile: dQ = scale * sum over key tiles of dS K."""
-        pid_bh, b, h, offs_m, row_valid, g_q, q_lo, q_hi, q_pure, key_start, key_end = _owned_tile(
-            GROUPS, FIRST, LAST, H, N, BLOCK_M)
-        q = _load_rows(Q, b, h, stride_qb, stride_qh, stride_qn, offs_m, row_valid, HEAD_DIM, BLOCK_D, UPCAST)
-        do = _load_rows(DO, b, h, stride_dob, stride_doh, stride_don, offs_m, row_valid, HEAD_DIM, BLOCK_D, UPCAST)
+        pid_bh, b, h, offs_m, row_valid, pos_m, g_q, q_lo, q_hi, q_pure, key_start, key_end = _owned_tile(
+            GROUPS, FIRST, LAST, BIAS_INDEX, H, N, BLOCK_M, HAS_INDEX)
+        q, do = _load_two(Q, DO, b, h, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, offs_m,
+                          row_valid, HEAD_DIM, BLOCK_D, UPCAST)
         lse, delta = _lse_delta(LSE, DELTA, pid_bh, N, offs_m, row_valid)
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
         for start_n in range(key_start, key_end, BLOCK_N):
-            offs_n, key_valid, g_k, meets, full = _visit(GROUPS, b, N, start_n, key_end, q_lo, q_hi, q_pure, BLOCK_N)
+            offs_n, key_valid, pos_n, g_k, meets, full = _visit(GROUPS, BIAS_INDEX, b, N, start_n, key_end,
+                                                                q_lo, q_hi, q_pure, BLOCK_N, HAS_INDEX)
             if meets:
-                k = _load_rows(K, b, h, stride_kb, stride_kh, stride_kn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
-                v = _load_rows(V, b, h, stride_vb, stride_vh, stride_vn, offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
-                p, ds = _probs_and_ds(q, k, do, v, lse[:, None], delta[:, None], qk_scale, g_q, g_k, full,
-                                      DOT_PRECISION)                     # (BLOCK_M, BLOCK_N)
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+                k, v = _load_two(K, V, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                                 offs_n, key_valid, HEAD_DIM, BLOCK_D, UPCAST)
+                p, ds = _probs_and_ds(q, k, do, v, lse[:, None], delta[:, None], qk_scale, g_q, g_k, full, BIAS,
+                                      h * N * N + pos_m[:, None] * N + pos_n[None, :],
+                                      row_valid[:, None] & key_valid[None, :], HAS_BIAS, DOT_PRECISION)
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)     # (BLOCK_M, BLOCK_N) tiles
 
         _store_rows(DQ, b, h, H * N * HEAD_DIM, N * HEAD_DIM, HEAD_DIM, offs_m, row_valid, HEAD_DIM, dq * sm_scale,
                     BLOCK_D)
@@ -377,24 +484,29 @@ if triton is not None:  # Triton is optional: without it every call takes the to
     # Backward: the program owns BLOCK_N keys (dK/dV) or BLOCK_M queries (dQ) and steps over the other side.
     _BWD_CONFIGS = _configs([(32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
                              (128, 32, 8, 2), (64, 64, 8, 1)])
-    _KEY = ["N", "HEAD_DIM"]      # the autotuner adds the tensors' dtypes to the key itself
+    # The autotuner adds the tensors' dtypes to the key itself; names a kernel lacks are left out of its key.
+    _KEY = ["N", "HEAD_DIM", "HAS_BIAS", "HAS_INDEX", "BIAS_GRAD"]
     # fp32 inputs (tests and the CPU-sized runs; training runs under bf16 autocast) get one fixed config: IEEE
     # fp32 dots are emulated with FMAs, slow to compile per config and not worth tuning.
     _FP32_CONFIGS = _configs([(32, 32, 4, 1)])
-    _TUNED = {   # (kernel, is fp32) -> autotuned launcher
-        (name, fp32): triton.autotune(_FP32_CONFIGS if fp32 else configs, key=_KEY)(kernel)
+    _TUNED = {   # (kernel, is fp32) -> autotuned launcher; DBIAS is zeroed again before each timed config
+        (name, fp32): triton.autotune(_FP32_CONFIGS if fp32 else configs, key=_KEY,
+                                      reset_to_zero=["DBIAS"] if name == "dkdv" else None)(kernel)
         for name, kernel, configs in (("fwd", _attn_fwd, _FWD_CONFIGS), ("dkdv", _attn_bwd_dkdv, _BWD_CONFIGS),
                                       ("dq", _attn_bwd_dq, _BWD_CONFIGS))
         for fp32 in (False, True)}
 
 
-def _launch_constants(q):
-    """Compile-time choices that depend only on the inputs' dtype and head dim."""
+def _launch_constants(q, bias, index32):
+    """Compile-time choices that depend only on the inputs' dtype and head dim, and on which of the bias and
+    its index are given."""
     head_dim = q.shape[-1]
     return dict(
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_BIAS=bias is not None,
+        HAS_INDEX=index32 is not None,
     )
 
 
@@ -407,7 +519,7 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _forward(q, k, v, groups32, first, last):
+def _forward(q, k, v, bias, groups32, first, last, index32):
     B, H, N, d = q.shape
     # Output laid out as (B, N, H, d) memory: the ViT's `out.transpose(1, 2).reshape(B, N, D)` is then free.
     out = _new_output((B, N, H, d), q).transpose(1, 2)
@@ -415,13 +527,18 @@ def _forward(q, k, v, groups32, first, last):
     scale = d ** -0.5
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)
     _TUNED["fwd", q.dtype == torch.float32][grid](
-        q, k, v, out, lse, groups32, first, last,
+        q, k, v, out, lse, groups32, first, last, *_bias_args(bias, index32, groups32),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        H, N, d, scale * math.log2(math.e), **_launch_constants(q))
+        H, N, d, scale * math.log2(math.e), **_launch_constants(q, bias, index32))
     return out, lse
 
 
-def _backward(q, k, v, out, lse, grad_out, groups32, first, last):
+def _bias_args(bias, index32, groups32):
+    """The kernels' BIAS and BIAS_INDEX pointers: the tensors, or any int32 tensor where absent (never read)."""
+    return (groups32 if bias is None else bias), (groups32 if index32 is None else index32)
+
+
+def _backward(q, k, v, bias, out, lse, grad_out, groups32, first, last, index32, bias_grad):
     B, H, N, d = q.shape
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
@@ -429,30 +546,36 @@ def _backward(q, k, v, out, lse, grad_out, groups32, first, last):
     dq = _new_output((B, H, N, d), q)
     dk = _new_output((B, H, N, d), q)
     dv = _new_output((B, H, N, d), q)
+    dbias = torch.zeros((H, N, N), device=q.device, dtype=torch.float32) if bias_grad else None
     scale = d ** -0.5
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), H, N, d,
               scale * math.log2(math.e), scale)
-    constants = _launch_constants(q)
+    bias_args = _bias_args(bias, index32, groups32)
+    constants = _launch_constants(q, bias, index32)
     fp32 = q.dtype == torch.float32
     _TUNED["dkdv", fp32][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-        q, k, v, grad_out, dk, dv, lse, delta, groups32, first, last, *common, **constants)
+        q, k, v, grad_out, dk, dv, lse, delta, groups32, first, last, *bias_args,
+        groups32 if dbias is None else dbias, *common, BIAS_GRAD=bias_grad, **constants)
     _TUNED["dq", fp32][lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
-        q, k, v, grad_out, dq, lse, delta, groups32, first, last, *common, **constants)
-    return dq, dk, dv
+        q, k, v, grad_out, dq, lse, delta, groups32, first, last, *bias_args, *common, **constants)
+    return dq, dk, dv, dbias
 
 
 class _GroupMaskedAttention(torch.autograd.Function):
+    """q, k, v (B, H, N, d); bias (H, N, N) fp32 contiguous or None; groups32, first, last, index32 from the
+    _prepare_* helpers (index32 may be None)."""
     @staticmethod
-    def forward(ctx, q, k, v, groups32, first, last):
-        out, lse = _forward(q, k, v, groups32, first, last)
-        ctx.save_for_backward(q, k, v, out, lse, groups32, first, last)
+    def forward(ctx, q, k, v, bias, groups32, first, last, index32):
+        out, lse = _forward(q, k, v, bias, groups32, first, last, index32)
+        ctx.save_for_backward(q, k, v, bias, out, lse, groups32, first, last, index32)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, groups32, first, last = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, grad_out, groups32, first, last)
-        return dq, dk, dv, None, None, None
+        q, k, v, bias, out, lse, groups32, first, last, index32 = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _backward(q, k, v, bias, out, lse, grad_out, groups32, first, last, index32, bias_grad)
+        return dq, dk, dv, dbias, None, None, None, None
 
 
 def _check_inputs(q, k, v, groups, bias, bias_index):
@@ -491,7 +614,7 @@ def attention(q, k, v, groups=None, bias=None, backend=None, *, bias_index=None)
     if groups is None and bias is None:
         return F.scaled_dot_product_attention(q, k, v)
     _check_inputs(q, k, v, groups, bias, bias_index)
-    if resolve("attention", backend, q.device) == "torch" or bias is not None:   # the kernel's bias: next commit
+    if resolve("attention", backend, q.device) == "torch":
         return attention_reference(q, k, v, groups, bias, bias_index)
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"attention: the Triton kernel takes fp16, bf16 or fp32, got {q.dtype}; "
@@ -500,5 +623,12 @@ def attention(q, k, v, groups=None, bias=None, backend=None, *, bias_index=None)
         raise ValueError(f"attention: head dim {q.shape[-1]} is above the Triton kernel's {MAX_HEAD_DIM}; "
                          "use more heads or pass backend='torch'.")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    groups32, first, last = _prepare_groups(groups, q.device)
-    return _GroupMaskedAttention.apply(q, k, v, groups32, first, last)
+    B, H, N, _ = q.shape
+    if groups is None:
+        groups32, first, last = _prepare_one_group(B, N, q.device)
+    else:
+        groups32, first, last = _prepare_groups(groups, q.device)
+    index32 = None if bias_index is None else _prepare_index(bias_index, N, q.device)
+    if bias is not None:
+        bias = bias.float().contiguous()   # a copy unless already fp32 contiguous; autograd casts dbias back
+    return _GroupMaskedAttention.apply(q, k, v, bias, groups32, first, last, index32)

@@ -2,7 +2,8 @@
 
 Under TRITON_INTERPRET=1 on CPU (set by conftest.py) the Triton kernel runs in the interpreter; with CUDA
 the same tests run natively. The oracle below never builds a group mask: for every (sample, group) it
-gathers that group's tokens and runs plain dense softmax attention on them in float64.
+gathers that group's tokens (and their entries of the bias table, if any) and runs plain dense softmax
+attention on them in float64; autograd through it gives the reference gradients, the bias's included.
 
 Every input is a strided view into a larger NaN-filled buffer (an out-of-bounds read shows up as NaN) and
 every output buffer starts as NaN (kernels.attention.POISON_OUTPUTS), so a missed store shows too.
@@ -99,31 +100,45 @@ def oracle(q, k, v, groups, bias=None, bias_index=None):
 
 
 def run_case(n, d, pattern, dtype, batch=2, heads=2, seed=0):
-    """Kernel vs oracle: forward output and dq, dk, dv. Returns nothing; asserts."""
+    """Kernel vs oracle for one named group pattern: forward output and dq, dk, dv. Returns nothing; asserts."""
     gen = torch.Generator().manual_seed(seed)
     groups = make_groups(pattern, batch, n, gen)
+    compare_with_oracle(groups, batch, heads, n, d, dtype, gen, label=f"N={n}, d={d}, {pattern}, {dtype}")
+
+
+def compare_with_oracle(groups, batch, heads, n, d, dtype, gen, bias_dtype=None, bias_index=None, label=""):
+    """The Triton kernel against the float64 oracle on random poisoned inputs: out, dq, dk, dv and, with a
+    bias_dtype, a random (H, N, N) bias of that dtype and its gradient. groups (B, N) or None."""
     bufs, views = zip(*(poisoned_view((batch, heads, n, d), dtype, gen) for _ in range(3)))
     _, grad_out = poisoned_view((batch, heads, n, d), dtype, gen)
     grad_out = grad_out.detach()
+    bias = None
+    if bias_dtype is not None:
+        bias_buf, bias = poisoned_view((heads, n, n), bias_dtype, gen)
+        bufs, views = bufs + (bias_buf,), views + (bias,)
+    index = None if bias_index is None else bias_index.to(DEVICE)
 
-    out = attention(*views, groups=groups.to(DEVICE), backend="triton")
+    out = attention(*views[:3], groups=None if groups is None else groups.to(DEVICE), bias=bias, backend="triton",
+                    bias_index=index)
     grads = torch.autograd.grad(out, bufs, grad_out)
 
     ref_inputs = [view.detach().cpu().double().requires_grad_() for view in views]
-    ref_out = oracle(*ref_inputs, groups)
+    ref_out = oracle(*ref_inputs[:3], groups, *ref_inputs[3:], bias_index)
     ref_grads = torch.autograd.grad(ref_out, ref_inputs, grad_out.cpu().double())
 
     tol = TOLERANCE[dtype]
+    names = ("dq", "dk", "dv", "dbias")
     for name, got, want in [("out", out, ref_out)] + [
-            (name, grad[..., 1:n + 1, 2:d + 2], want) for name, grad, want in zip(("dq", "dk", "dv"), grads, ref_grads)]:
+            (name, grad[..., 1:want.shape[-2] + 1, 2:want.shape[-1] + 2], want)
+            for name, grad, want in zip(names, grads, ref_grads)]:
         got = got.detach().cpu().double()
         assert torch.isfinite(got).all(), f"{name}: non-finite values (a missed store or an unmasked read)"
         err = (got - want).abs().max().item()
         bound = tol * max(1.0, want.abs().max().item())
-        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (N={n}, d={d}, {pattern}, {dtype})"
-    for grad in grads:   # the NaN margins of each buffer are not part of any input: zero gradient there
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} ({label})"
+    for grad, view in zip(grads, views):   # the NaN margins of each buffer are not part of any input: zero gradient
         margin = grad.clone()
-        margin[..., 1:n + 1, 2:d + 2] = 0
+        margin[..., 1:view.shape[-2] + 1, 2:view.shape[-1] + 2] = 0
         assert (margin == 0).all()
 
 
@@ -165,6 +180,61 @@ def test_tile_shapes(block_m, block_n):
         run_case(97, 64, "contiguous", torch.float16 if torch.cuda.is_available() else torch.float32,
                  batch=1, heads=1, seed=1)
         run_case(97, 32, "padding", torch.float16, batch=2, heads=1, seed=2)
+
+
+def mixed_windows(n, gen):
+    """(4, N) group ids of four windows as MixMIM's encoder sees them: windows hold different, unequal mixes of two
+    images' tokens. Window 0 is one image only; 1 a scattered ~30 % / 70 % mix; 2 a scattered mix with ~15 %
+    padding tokens (-1); 3 two contiguous runs of a third and two thirds (group 1 first)."""
+    groups = torch.zeros(4, n, dtype=torch.long)
+    groups[1] = (torch.rand(n, generator=gen) < 0.3).long()
+    groups[2] = (torch.rand(n, generator=gen) < 0.6).long()
+    groups[2][torch.rand(n, generator=gen) < 0.15] = -1
+    groups[3, :n // 3] = 1
+    return groups
+
+
+# (N, dtype, layout): MixMIM's window sizes (7 x 7 and 14 x 14 tokens) at head dim 32. "mixed": the windows of
+# mixed_windows in grid order; "sorted": each window's tokens sorted by group (MixMIM with sorted tokens), the
+# bias read through bias_index; "none": no groups, the bias alone. fp16 inputs get an fp16 bias, fp32 an fp32 one.
+BIAS_CASES = [(49, torch.float32, "mixed"), (49, torch.float16, "sorted"), (49, torch.float16, "none"),
+              (196, torch.float32, "sorted"), (196, torch.float16, "mixed")]
+
+
+@pytest.mark.parametrize("n, dtype, layout", BIAS_CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_bias_matches_float64_oracle(n, dtype, layout):
+    """The kernel with a shared (H, N, N) bias against the oracle: out, dq, dk, dv and dbias (the sum over
+    the windows of each window's score gradient, accumulated with atomics)."""
+    gen = torch.Generator().manual_seed(11)
+    groups = None if layout == "none" else mixed_windows(n, gen)
+    index = None
+    if layout == "sorted":                 # bias_index[b, i] = original position of the i-th sorted token
+        index = torch.argsort(groups, dim=1, stable=True)
+        groups = groups.gather(1, index)
+    with tile_config(64, 64):
+        compare_with_oracle(groups, 4, 2, n, 32, dtype, gen, bias_dtype=dtype, bias_index=index,
+                            label=f"N={n}, {dtype}, {layout}")
+
+
+def test_reordered_window_with_bias_index_equals_grid_order():
+    """Sorting a window's tokens by group and passing the permutation as bias_index gives the same attention
+    as the window in grid order with the plain bias: outputs permuted back and the bias gradient agree."""
+    gen = torch.Generator().manual_seed(12)
+    n, d, heads = 49, 32, 2
+    groups = mixed_windows(n, gen)
+    q, k, v = (torch.randn(4, heads, n, d, generator=gen).to(DEVICE) for _ in range(3))
+    grad_out = torch.randn(4, heads, n, d, generator=gen).to(DEVICE)
+    bias = torch.randn(heads, n, n, generator=gen).to(DEVICE).requires_grad_()
+    order = torch.argsort(groups, dim=1, stable=True).to(DEVICE)
+    gather = lambda t: t.gather(2, order[:, None, :, None].expand_as(t))        # (B, H, N, d) in sorted order
+    with tile_config(32, 32):
+        plain = attention(q, k, v, groups.to(DEVICE), bias, backend="triton")
+        plain_dbias, = torch.autograd.grad(plain, bias, grad_out)
+        sorted_out = attention(gather(q), gather(k), gather(v), groups.to(DEVICE).gather(1, order), bias,
+                               backend="triton", bias_index=order)
+        sorted_dbias, = torch.autograd.grad(sorted_out, bias, gather(grad_out))
+    torch.testing.assert_close(sorted_out, gather(plain), rtol=0, atol=2e-5)
+    torch.testing.assert_close(sorted_dbias, plain_dbias, rtol=0, atol=2e-5)
 
 
 def test_reference_matches_oracle():
@@ -272,6 +342,10 @@ def test_bad_input_names_the_value():
         attention(q, q, q, torch.zeros(1, 8, dtype=torch.long), bias_index=torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"bias_index must be an integer tensor of shape \(B, N\) = \(1, 8\)"):
         attention(q, q, q, bias=torch.zeros(2, 8, 8), bias_index=torch.zeros(8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"bias_index holds values outside \[0, 8\)"):
+        qd = q.to(DEVICE)
+        attention(qd, qd, qd, bias=torch.zeros(2, 8, 8, device=DEVICE), backend="triton",
+                  bias_index=torch.full((1, 8), 8, device=DEVICE))
     big = torch.randn(1, 1, 8, 256, device=DEVICE)
     with pytest.raises(ValueError, match="head dim 256"):
         attention(big, big, big, torch.zeros(1, 8, dtype=torch.long, device=DEVICE), backend="triton")
