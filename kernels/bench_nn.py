@@ -18,13 +18,12 @@ kernel call against the dense bf16 tensor-core peak (kernels/bench.py, --peak_tf
 Bytes the kernel must move: (B + Q)*D*2 (+ Q*D*2 for the norm pass); the baseline also writes and
 re-reads the B x Q matrix (2 bytes per entry, plus a B x Q bool mask). Peak extra memory is measured
 above the inputs, with torch.cuda.max_memory_allocated.
-A second table sweeps kernel options at B=1024, Q=65536 to tune `_default_config` on a new GPU; the
-whole run takes well under a minute on an H100 (most of it compiling the swept configurations).
+A second table sweeps kernel options at B=1024, Q=65536 to tune `_default_config` on a new GPU (each swept
+configuration is compiled once, before it is timed).
 
-History, for comparison (H100 80GB HBM3, torch 2.11, triton 3.6, this benchmark, B=1024 Q=65536 D=256):
-the previous kernel (K-loop re-reading the query slice per queue tile, queue loaded transposed,
-torch pack/top-k/unpack merge) took 0.418 ms for top-1 (baseline 0.417 ms) and 1.370 ms for top-20
-(baseline 0.911 ms), and about 0.3 ms at every small shape (host overhead).
+Measured results, with device and versions, are in kernels/BENCHMARKS.md: the current kernel in the second
+run of 2026-11-22, the kernel it replaced (a K-loop re-reading the query slice per queue tile, the queue
+loaded transposed, a torch pack / top-k / unpack merge) in the first run.
 """
 import os
 

@@ -61,8 +61,11 @@ Defaults (`_default_config`, reasoning in its docstring): top-1 128 x 64 tiles, 
 top-k 64 x 64 tiles, 4 warps, 2 stages; about 2 programs per SM; extract_max = 32. Compiled ahead of
 time for sm_90 (bf16, D=256, ids; Triton 3.9): top-1 160 KiB shared memory, 168 registers; top-20
 96 KiB, 210 registers; top-32 207 registers; no spills (no local memory or stack), queue tiles copied
-with cp.async into a 3- (top-1) or 2-buffer (top-k) ring, 16 wgmma per tile. Timings of this design
-are [unconfirmed] until measured: `python -m kernels.bench nn` prints them with a short sweep.
+with cp.async into a 3- (top-1) or 2-buffer (top-k) ring, 16 wgmma per tile. The code after the
+`_load_rows` refactor compiles (Triton 3.8, 16-byte aligned inputs) with the same shared memory and no spills.
+Timings: this design was measured on an H100 against `matmul + argmax / topk`, with a tuning sweep and in
+whole training steps (kernels/BENCHMARKS.md, "2026-11-22 (second run)"); the `_load_rows` refactor since
+then has not been timed. `python -m kernels.bench nn` reruns the measurement.
 Tests: tests/test_nn_topk.py (float64 reference; `TRITON_INTERPRET=1` on CPU, natively on CUDA).
 """
 import torch
@@ -356,8 +359,11 @@ def _sm_count(device):
 
 def _default_config(B, Q, D, k, dot_bytes, fp32_on_cuda_cores, device):
     """Tile sizes, warps, stages and split count for the GPU (bf16, D <= 256, H100 in mind).
-    Every number here is reasoned, not measured for this kernel [unconfirmed until `python -m kernels.bench
-    nn` has been run on it; the sweep there covers the alternatives below].
+    The choices below were reasoned out first; the H100 sweep of `python -m kernels.bench nn` (one change at a
+    time around these defaults, at B=1024, Q=65536, D=256; kernels/BENCHMARKS.md, second run) then found the
+    top-1 defaults the fastest point swept, and for top-20 fewer splits (num_splits=8) faster than the default
+    split count, which has not been changed since. "The previous sweep" below is the sweep of the kernel this
+    one replaced (kernels/BENCHMARKS.md, first run).
     - block_d = next_pow2(D) <= 256: the query tile stays on chip for the whole program and the queue
       streams in (block_q, D) tiles, one tl.dot each. Shared memory per program = query tile +
       num_stages queue tiles = 2 bytes * D * (block_b + num_stages * block_q).
@@ -369,7 +375,7 @@ def _default_config(B, Q, D, k, dot_bytes, fp32_on_cuda_cores, device):
       what an H100's L2 gives, so 64-row tiles cap near 40-50 % of the roofline.
     - top-k: block_b = 64, 4 warps, 2 stages: 32 + 2 * 32 = 96 KiB and 210 registers, so two programs
       share an SM and one's merge work (the expensive part) overlaps the other's matmul; the previous
-      kernel's H100 sweep was fastest with 64 rows and 4 warps, and fewer rows mean fewer extraction
+      sweep was fastest with 64 rows and 4 warps, and fewer rows mean fewer extraction
       rounds (a round runs while any row of the tile still has a new value).
     - splits: about 2 programs per SM (top-1: B=1024 gives 8 x 33; top-k: 16 x 17, and >= 4 queue
       tiles per split, since a longer chunk raises the running k-th best sooner); the previous sweep's
