@@ -546,7 +546,9 @@ def _backward(q, k, v, bias, out, lse, grad_out, groups32, first, last, index32,
     dq = _new_output((B, H, N, d), q)
     dk = _new_output((B, H, N, d), q)
     dv = _new_output((B, H, N, d), q)
-    dbias = torch.zeros((H, N, N), device=q.device, dtype=torch.float32) if bias_grad else None
+    # Zeroed: the kernel adds into it. Without a bias gradient a 1-element stand-in, never written (the autotuner
+    # zeroes DBIAS before each timed config, so it must not be a tensor that holds data, e.g. the group ids).
+    dbias = torch.zeros((H, N, N) if bias_grad else (1,), device=q.device, dtype=torch.float32)
     scale = d ** -0.5
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), H, N, d,
               scale * math.log2(math.e), scale)
@@ -554,11 +556,11 @@ def _backward(q, k, v, bias, out, lse, grad_out, groups32, first, last, index32,
     constants = _launch_constants(q, bias, index32)
     fp32 = q.dtype == torch.float32
     _TUNED["dkdv", fp32][lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * H)](
-        q, k, v, grad_out, dk, dv, lse, delta, groups32, first, last, *bias_args,
-        groups32 if dbias is None else dbias, *common, BIAS_GRAD=bias_grad, **constants)
+        q, k, v, grad_out, dk, dv, lse, delta, groups32, first, last, *bias_args, dbias, *common,
+        BIAS_GRAD=bias_grad, **constants)
     _TUNED["dq", fp32][lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)](
         q, k, v, grad_out, dq, lse, delta, groups32, first, last, *bias_args, *common, **constants)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, (dbias if bias_grad else None)
 
 
 class _GroupMaskedAttention(torch.autograd.Function):

@@ -237,6 +237,40 @@ def test_reordered_window_with_bias_index_equals_grid_order():
     torch.testing.assert_close(sorted_dbias, plain_dbias, rtol=0, atol=2e-5)
 
 
+def test_autotuner_timing_runs_leave_dbias_and_groups_intact(monkeypatch):
+    """On a GPU the autotuner launches every config of a kernel several times before the launch that counts, and
+    zeroes DBIAS before each: the bias gradient (atomic adds) must come out once, not summed over the timed
+    launches, and without a bias gradient no other tensor (the group ids) may be zeroed. Simulated here with two
+    configs per fp16 kernel and a stand-in timer that launches each config twice."""
+    def launch_twice(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        return [1.0] * len(quantiles)
+
+    two_configs = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
+                   triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    for (_, fp32), tuned in attn_module._TUNED.items():
+        if not fp32:
+            monkeypatch.setattr(tuned, "configs", two_configs)
+            monkeypatch.setattr(tuned, "cache", {})
+            monkeypatch.setitem(tuned.__dict__, "do_bench", launch_twice)
+    gen = torch.Generator().manual_seed(13)
+    groups = mixed_windows(49, gen)
+    compare_with_oracle(groups, 4, 1, 49, 32, torch.float16, gen, bias_dtype=torch.float32, label="autotuned")
+    q, k, v = (torch.randn(4, 1, 49, 32, generator=gen, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(1, 49, 49, generator=gen, dtype=torch.float64)
+    q16 = q.to(DEVICE, torch.float16).requires_grad_()
+    out = attention(q16, k.to(DEVICE, torch.float16), v.to(DEVICE, torch.float16), groups.to(DEVICE),
+                    bias.to(DEVICE), backend="triton")          # the bias needs no gradient here
+    dq, = torch.autograd.grad(out, q16, torch.ones_like(out))
+    q = q.requires_grad_()
+    want = oracle(q, k, v, groups, bias)
+    want_dq, = torch.autograd.grad(want, q, torch.ones_like(want))
+    for got, expected in ((out, want), (dq, want_dq)):
+        bound = TOLERANCE[torch.float16] * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got.detach().cpu().double(), expected.detach(), rtol=0, atol=bound)
+
+
 def test_reference_matches_oracle():
     gen = torch.Generator().manual_seed(3)
     groups = make_groups("padding", 3, 40, gen)
