@@ -2,7 +2,7 @@
 
 Paper: He, Chen, Xie, Li, Dollar, Girshick, "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
 https://arxiv.org/abs/2111.06377. Official code: facebookresearch/mae (models_mae.py, main_pretrain.py,
-engine_pretrain.py, util/lr_sched.py, PRETRAIN.md); line-by-line notes in the reference notes, section 1.
+engine_pretrain.py, util/lr_sched.py, PRETRAIN.md).
 
 Idea. Cut the image into patches, add each patch's position, throw away a random 75 % of them and run the
 encoder on the remaining 25 % only (plus a CLS token), which makes pre-training cheap. A light decoder gets
@@ -16,25 +16,22 @@ decoder is thrown away after pre-training, and MAE-CT / MIM-Refiner start from t
 
 Commands (run directory --output_dir, default runs/mae: checkpoint-last.pth, log.jsonl, loss.png,
 reconstructions.png, eval.jsonl, knn_per_block.png):
-    python mae.py                                                   # built-in data, vit_mini, 21 min on 2 CPU cores
-    python mae.py --model vit_b --data /imagenet                    # one GPU: 64 x accum 64 = batch 4096
-    torchrun --nproc_per_node 8 mae.py --model vit_l --data /imagenet               # 64 x 8 GPUs x accum 8
+    python mae.py                                                   # built-in data, vit_mini, 2 CPU cores
+    python mae.py --model vit_b --data /imagenet                    # one GPU: 64 per step x 64 accumulated = 4096
+    torchrun --nproc_per_node 8 mae.py --model vit_l --data /imagenet               # 64 x 8 GPUs x 8 accumulated
     torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \
         mae.py --model vit_h --data /imagenet                       # two nodes (run on each, NODE = 0 / 1)
     python mae.py ... --resume auto                                 # continue from <output_dir>/checkpoint-last.pth
     python mae.py --model vit_b --ckpt mae_pretrain_vit_base_full.pth --data /imagenet   # start from official weights
     python -m common.eval --ckpt runs/mae/checkpoint-last.pth --data /imagenet         # k-NN / probe of the encoder
-Under SLURM, `srun torchrun --nnodes $SLURM_NNODES ...` (common/engine.py init_distributed). --accum_iter is
-derived from --global_batch (4096) unless given; lr = blr x global batch / 256.
+Under SLURM, `srun torchrun --nnodes $SLURM_NNODES ...` (common/distributed.py). The global batch is 4096 on any
+number of GPUs (--global_batch): 64 images per GPU per forward pass (--batch_size), gradients accumulated to 4096;
+lr = blr x global batch / 256. Memory: --grad_checkpointing recomputes the encoder's activations in the backward.
 
-Expected results (ImageNet-1K top-1, reference notes 1.9; facebookresearch/mae README, FINETUNE.md,
-PRETRAIN.md): fine-tuned after 1600 epochs ViT-B 83.6, ViT-L 85.9, ViT-H 86.9 (87.8 at 448 px); linear probe
-(PyTorch/GPU) 67.8 / 76.0 / 77.2; ViT-L after 800 epochs 85.5 fine-tuned. Cost: ViT-L 800 epochs ~42 h on
-64 V100 (PRETRAIN.md).
-The default CPU run (`python mae.py`: vit_mini, 40 epochs of the 10k built-in images, about 21 minutes on 2 CPU
-cores; 40, not 16, because at 16 epochs the encoder's k-NN is still below raw pixels'): its measured loss, k-NN,
-linear probe, low-shot and clustering numbers, next to raw pixels, are in the
-README ("Results on the built-in data"), with the command that gives each.
+Expected results (ImageNet-1K top-1; facebookresearch/mae README, FINETUNE.md, PRETRAIN.md): fine-tuned after 1600
+epochs ViT-B 83.6, ViT-L 85.9, ViT-H 86.9 (87.8 at 448 px); linear probe 67.8 / 76.0 / 77.2; ViT-L after 800 epochs
+85.5 fine-tuned. Cost: ViT-L 800 epochs ~42 h on 64 V100 (PRETRAIN.md). The default CPU run's measured loss and
+evaluation numbers, next to raw pixels, are in the README ("Results on the built-in data").
 
 What is the official method here (facebookresearch/mae at efb2a80), all defaults at --model vit_b|vit_l|vit_h:
   - model (models_mae.py): position added before masking; per-sample masking by argsort of uniform noise,
@@ -51,35 +48,70 @@ What is the official method here (facebookresearch/mae at efb2a80), all defaults
     iteration, 800 epochs (1600 for the released models), RandomResizedCrop(224, 0.2-1, bicubic) + flip, no
     colour jitter, no gradient clipping, mask ratio 0.75, norm-pix on.
 What is ours:
-  - bf16 autocast on GPU by default (common/engine.py); the official run is fp16 autocast + GradScaler,
+  - bf16 autocast on GPU by default (common/trainer.py); the official run is fp16 autocast + GradScaler,
     which `--dtype fp16` gives. The loss is computed in fp32 (as the official code's type promotion does);
-  - the CPU presets vit_micro / vit_mini (32 px, patch 4) with smaller decoders (DECODERS) and a short
-    schedule (CPU_RECIPE: 40 epochs, batch 128, blr 1.5e-3, 4 warm-up epochs): at 16 epochs (about 10
-    minutes) the encoder's k-NN is still below raw pixels', at 40 it is above (lengths in between not measured);
+  - the CPU presets vit_micro / vit_mini (32 px, patch 4) with smaller decoders and a short schedule (RECIPES:
+    40 epochs, global batch 128, blr 1.5e-3, 4 warm-up epochs; the README says what shorter runs gave);
   - data order and augmentation are seeded per (seed, epoch, sample) so that --resume is bit-identical;
     DDP without find_unused_parameters (every parameter gets a gradient);
-  - the checkpoint is ours (common/engine.py): 'model' holds the whole MAE under the official names, 'encoder'
+  - the checkpoint is ours (common/trainer.py): 'model' holds the whole MAE under the official names, 'encoder'
     the ViT alone; common.eval, mae_ct.py and mim_refiner.py read either;
   - reconstructions.png puts norm-pix predictions back into pixels with each true patch's mean and std (as
     one does to look at *_full.pth outputs); those two numbers per patch come from the hidden image, so the
     picture is a visual aid, not a measurement.
 """
-import argparse
 import os
+import time
 
 import torch
 import torch.nn as nn
+from torchvision.transforms import v2
 
+from common import config, data, distributed, eval as evaluation, optim, trainer as training
+from common.checkpoints import start_from
+from common.plots import plot_image_grid
 from common.vit import PRESETS, Block, VisionTransformer, get_2d_sincos_pos_embed
 
-# Decoder per encoder preset: (decoder_embed_dim, decoder_depth, decoder_num_heads).
-# vit_b/l/h: 512/8/16 (facebookresearch/mae: models_mae.py mae_vit_*_dec512d8b); the rest are our choice.
-DECODERS = {
-    "vit_micro": (32, 1, 2),      # tests only
-    "vit_mini": (128, 2, 4),      # built-in data on a CPU; our choice (MAE Table 1a: a 1-block decoder still works)
-    "vit_t": (512, 8, 16), "vit_s": (512, 8, 16),
-    "vit_b": (512, 8, 16), "vit_l": (512, 8, 16), "vit_h": (512, 8, 16), "vit_2b": (512, 8, 16),
+# ----------------------------------------------------------------------------------------------------------
+# Recipes: the official pre-training recipe for the paper sizes (facebookresearch/mae: PRETRAIN.md,
+# main_pretrain.py, models_mae.py mae_vit_*_dec512d8b), our choice for the 32 px CPU presets.
+# ----------------------------------------------------------------------------------------------------------
+PAPER = dict(epochs=800, global_batch=4096, batch_size=64, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05,
+             crop_min=0.2, mask_ratio=0.75, decoder=[512, 8, 16])
+CPU = dict(epochs=40, global_batch=128, blr=1.5e-3, warmup_epochs=4, weight_decay=0.05, crop_min=0.2,
+           mask_ratio=0.75, log_every=10)
+RECIPES = {
+    "vit_mini": dict(CPU, decoder=[128, 2, 4]),       # the built-in data on a 2-core CPU (MAE Table 1a: a shallow
+    "vit_micro": dict(CPU, decoder=[32, 1, 2]),       # decoder still works); vit_micro: tests only
+    **{name: PAPER for name in ("vit_t", "vit_s", "vit_b", "vit_l", "vit_h", "vit_2b")},
 }
+
+
+def add_arguments(parser):
+    parser.add_argument("--mask_ratio", type=float, help="fraction of patches removed (official 0.75)")
+    parser.add_argument("--crop_min", type=float, help="RandomResizedCrop scale (crop_min, 1) (official 0.2)")
+    parser.add_argument("--decoder", type=int, nargs=3, metavar=("DIM", "DEPTH", "HEADS"),
+                        help="decoder width, depth, heads (official 512 8 16)")
+    parser.add_argument("--no_norm_pix_loss", action="store_true", help="regress the (ImageNet-normalised) pixels "
+                        "instead of per-patch normalised ones (official: norm-pix on for every released model)")
+
+
+def get_args(argv=None):
+    args = config.parse_args("mae", RECIPES, add_arguments, argv, "MAE pre-training (see the module docstring).",
+                             default_model="vit_mini")
+    if not 0 < args.mask_ratio < 1:
+        raise SystemExit(f"--mask_ratio {args.mask_ratio} must be in (0, 1): the loss needs removed patches "
+                         "(official 0.75).")
+    if not 0 < args.crop_min <= 1:
+        raise SystemExit(f"--crop_min {args.crop_min} must be in (0, 1] (official 0.2).")
+    return args
+
+
+def train_transform(size, crop_min):
+    """RandomResizedCrop(size, (crop_min, 1), bicubic) + horizontal flip + normalise, no colour jitter
+    (facebookresearch/mae: main_pretrain.py)."""
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(crop_min, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.RandomHorizontalFlip(), *data.to_normalized_tensor()])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,10 +183,6 @@ class MaskedAutoencoderViT(VisionTransformer):
         if hasattr(self, "mask_token"):
             nn.init.normal_(self.mask_token, std=0.02)
 
-    def encoder_state_dict(self):
-        """The encoder's timm-named weights (our checkpoints' 'encoder' entry): everything but the decoder."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("decoder_", "mask_token"))}
-
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """imgs (N, 3, H, W) -> latent (N, 1+len_keep, D) after the final norm, mask (N, L), ids_restore (N, L)."""
         x = self.embed(imgs)                      # position added BEFORE masking, so kept tokens keep their place
@@ -196,92 +224,18 @@ class MaskedAutoencoderViT(VisionTransformer):
 
 
 def create_mae(name="vit_b", decoder=None, **overrides):
-    """MAE on a preset encoder (common.vit.PRESETS). decoder = (dim, depth, heads) overrides DECODERS[name];
-    other overrides go to the ViT (img_size, patch_size, ...) or the model (norm_pix_loss)."""
+    """MAE on a preset encoder (common.vit.PRESETS) with a (dim, depth, heads) decoder (default: the preset's
+    recipe); other overrides go to the ViT (img_size, patch_size, ...) or the model (norm_pix_loss)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}.")
     embed_dim, depth, num_heads, patch_size, img_size = PRESETS[name]
-    dec_dim, dec_depth, dec_heads = decoder or DECODERS[name]
+    dec_dim, dec_depth, dec_heads = decoder or RECIPES[name]["decoder"]
     kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size, img_size=img_size,
                   decoder_embed_dim=dec_dim, decoder_depth=dec_depth, decoder_num_heads=dec_heads)
     kwargs.update(overrides)
     model = MaskedAutoencoderViT(**kwargs)
     model.preset = name
     return model
-
-
-class EncoderWeights:
-    """The MAE model seen as its encoder for the checkpoint's 'encoder' entry: state_dict() holds only the
-    timm-named ViT keys (no decoder), every other attribute (preset, embed_dim, ...) is the model's."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def state_dict(self):
-        return self.model.encoder_state_dict()
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------------
-# Official pre-training recipe (reference notes 1.6; facebookresearch/mae: PRETRAIN.md, main_pretrain.py):
-# 64 images per GPU, global batch 4096 (64 GPUs, or --accum_iter), blr 1.5e-4 (lr = blr x 4096 / 256 = 2.4e-3),
-# 40 warm-up epochs, 800 epochs (the released models: 1600), AdamW (0.9, 0.95), wd 0.05, min_lr 0, no clipping.
-PAPER_RECIPE = dict(epochs=800, batch_size=64, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05, accum_iter=None)
-PAPER_GLOBAL_BATCH = 4096
-# The built-in 32 px data on a 2-core CPU: our choice, about 21 minutes (see the docstring).
-CPU_RECIPE = dict(epochs=40, batch_size=128, blr=1.5e-3, warmup_epochs=4, weight_decay=0.05, accum_iter=None,
-                  log_every=10)
-CPU_MODELS = ("vit_micro", "vit_mini")
-
-
-def get_args(argv=None):
-    from common import engine
-
-    pre = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
-    pre.add_argument("--model", default="vit_mini")
-    model_name = pre.parse_known_args(argv)[0].model
-    if model_name not in PRESETS:
-        raise SystemExit(f"--model {model_name!r} is not a ViT preset; choose one of {', '.join(PRESETS)}.")
-    cpu = model_name in CPU_MODELS
-    parser = argparse.ArgumentParser(allow_abbrev=False, description="MAE pre-training (see the docstring).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="vit_mini", help="ViT preset (common/vit.py): vit_micro / vit_mini are "
-                        "the CPU presets for 32 px images, vit_b / vit_l / vit_h the paper's with its recipe")
-    engine.add_common_args(parser, **(CPU_RECIPE if cpu else PAPER_RECIPE))
-    parser.add_argument("--global_batch", type=int, default=None if cpu else PAPER_GLOBAL_BATCH,
-                        help="when --accum_iter is not given, it is set to global_batch / (batch_size x processes) "
-                        "(official 4096)")
-    parser.add_argument("--img_size", type=int, default=None, help="training resolution (default: the preset's, "
-                        "32 for the CPU presets, 224 otherwise)")
-    parser.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed (official 0.75)")
-    parser.add_argument("--decoder", type=int, nargs=3, default=None, metavar=("DIM", "DEPTH", "HEADS"),
-                        help="decoder width, depth, heads (default: official 512 8 16; smaller for the CPU presets)")
-    parser.add_argument("--no_norm_pix_loss", action="store_true", help="regress the (ImageNet-normalised) pixels "
-                        "instead of per-patch normalised ones (official: norm-pix on for every released model)")
-    parser.add_argument("--ckpt", default=None, help="start from these weights (official MAE *_full.pth, "
-                        "encoder-only mae_pretrain_*.pth: the decoder starts fresh, or ours)")
-    parser.add_argument("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
-                        help="built-in data only: images per class in train and val (default 1000 200)")
-    parser.add_argument("--eval", default="knn,perblock", help="protocols of common.eval run at the end "
-                        "(knn, perblock, linear, lowshot, cluster, all, comma-separated), or 'none'")
-    args = parser.parse_args(argv)
-    if not 0 <= args.mask_ratio < 1:
-        raise SystemExit(f"--mask_ratio {args.mask_ratio} must be in [0, 1) (official 0.75).")
-    if args.n_per_class and args.data not in (None, "builtin"):
-        raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
-    if args.accum_iter is None and args.global_batch is None:
-        args.accum_iter = 1
-    elif args.accum_iter is None:                               # before setup: torchrun's WORLD_SIZE is all we need
-        per_step = args.batch_size * int(os.environ.get("WORLD_SIZE", 1))
-        if args.global_batch % per_step:
-            raise SystemExit(f"--global_batch {args.global_batch} is not a multiple of --batch_size x processes = "
-                             f"{per_step}; change one of them or give --accum_iter.")
-        args.accum_iter = max(1, args.global_batch // per_step)
-    return args
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,8 +246,6 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.75, seed=0):
     """imgs (B, 3, H, W) normalised -> PNG, one row per image: original, masked input, reconstruction, and the
     reconstruction with the visible patches pasted back (facebookresearch/mae: demo/mae_visualize.ipynb).
     Norm-pix predictions are put back in pixel units with each true patch's own mean and std."""
-    from common.plots import plot_image_grid
-
     model.eval()
     p, grid = model.patch_size, model.grid_size
     noise = torch.rand(len(imgs), model.num_patches, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
@@ -314,54 +266,43 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.75, seed=0):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    import time
-
-    from common import data, engine
-
     args = get_args(argv)
-    dist = engine.setup(args)                                   # lr = blr x global batch / 256 (official)
-    overrides = {"img_size": args.img_size} if args.img_size else {}
-    model = create_mae(args.model, decoder=args.decoder, norm_pix_loss=not args.no_norm_pix_loss, **overrides)
+    dist = training.setup(args)                                 # lr = blr x global batch / 256 (official)
+    model = create_mae(args.model, decoder=args.decoder, norm_pix_loss=not args.no_norm_pix_loss,
+                       **({"img_size": args.img_size} if args.img_size else {}))
     if args.ckpt:
-        from common.checkpoints import load_pretrained
-        load_pretrained(model, args.ckpt)
+        start_from(args.ckpt, model)                            # official *_full.pth / encoder-only files, ours
+    model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(dist.device)
     img_size = model.img_size[0]
-    builtin = {"n_per_class": args.n_per_class[0]} if args.n_per_class else {}
-    train_set = data.build_dataset(args.data, "train", data.mae_transform(img_size, scale=(0.2, 1.0)),
-                                   seed=args.seed, **builtin)
+    train_set = data.build_dataset(args.data, "train", train_transform(img_size, args.crop_min), seed=args.seed,
+                                   n_per_class=args.n_per_class)
     loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
                                seed=args.seed)
     # timm add_weight_decay as in main_pretrain.py: no decay for biases and 1-D parameters; cls/mask tokens decayed.
-    optimizer = torch.optim.AdamW(engine.param_groups(model.named_parameters(), args.weight_decay),
+    optimizer = torch.optim.AdamW(optim.param_groups(model.named_parameters(), args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.95))
-    ddp_model = engine.wrap_ddp(model, dist)
-    trainer = engine.Trainer(args, ddp_model, optimizer, loader, dist, encoder=EncoderWeights(model))
+    ddp_model = distributed.wrap_ddp(model, dist, compile=args.compile)
+    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=model)
     if dist.is_main:
         print(f"[mae] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"global batch {args.batch_size * dist.world_size * args.accum_iter} "
-              f"({args.batch_size} x {dist.world_size} processes x accum {args.accum_iter}), "
-              f"{trainer.total_steps} steps", flush=True)
+              f"{run.total_steps} steps", flush=True)
     start = time.time()
-    for images, _, _ in trainer:
-        with trainer.autocast():
+    for images, _, _ in run:
+        with run.micro_batch():
             loss, _, _ = ddp_model(images, mask_ratio=args.mask_ratio)
-        trainer.step(loss)
-    trainer.finish()
+        run.step(loss)
+    run.finish()
     train_s = time.time() - start
 
     if dist.is_main:
-        val_set = data.build_dataset(args.data, "val", data.eval_transform(img_size),
-                                     **({"n_per_class": args.n_per_class[1]} if args.n_per_class else {}))
+        val_set = data.build_dataset(args.data, "val", data.eval_transform(img_size), n_per_class=args.n_per_class)
         imgs = torch.stack([val_set[i][0] for i in range(min(6, len(val_set)))]).to(dist.device)
         path = plot_reconstructions(model, imgs, os.path.join(args.output_dir, "reconstructions.png"), args.mask_ratio)
-        print(f"[mae] trained {trainer.global_step} steps in {train_s:.0f} s; pictures: {path}", flush=True)
-    if args.eval != "none":
-        from common.eval import evaluate
-        evaluate(model, args.data, img_size, protocols=args.eval, out_dir=args.output_dir, plots=True,
-                 n_per_class=tuple(args.n_per_class) if args.n_per_class else None, num_workers=args.num_workers,
-                 name=f"mae {args.model}", extra={"step": trainer.global_step, "train_s": round(train_s)})
-    engine.cleanup()
+        print(f"[mae] trained {run.global_step} steps in {train_s:.0f} s; pictures: {path}", flush=True)
+    evaluation.end_of_run({f"mae {args.model}": model}, args, dist,
+                          extra={"step": run.global_step, "train_s": round(train_s)})
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

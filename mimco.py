@@ -1,8 +1,8 @@
 """MimCo: masked image modeling pre-training with a frozen contrastive teacher.
 
 Paper: Zhou, Yu, Luo, Wang, Li, "MimCo: Masked Image Modeling Pre-training with Contrastive Teacher", ACM MM 2022,
-https://arxiv.org/abs/2209.03063. No official code is public; only the abstract and a third-party summary were
-readable (reference notes, section 3), so every choice beyond the contract below is a flag, listed at the end.
+https://arxiv.org/abs/2209.03063. No official code is public and only the paper's abstract could be read, so every
+choice beyond the contract below is a flag, listed at the end.
 
 Idea. Stage 1 trains a contrastive model (MoCo v3, or our mae_ct.py / mim_refiner.py), whose features are
 linearly separable. Stage 2 trains a fresh ViT student by masked image modeling, but instead of pixels it
@@ -19,7 +19,7 @@ MIM's patch-level training signal.
 Commands (run directory --output_dir, default runs/mimco: checkpoint-last.pth, log.jsonl with loss_patch and
 loss_image, loss.png, eval.jsonl, knn_per_block.png):
     python mae.py && python mae_ct.py && python mimco.py        # built-in data: the teacher is mae_ct.py's output
-    python mimco.py --model vit_s --data /imagenet --teacher vit-s-300ep.pth.tar      # one GPU, accum to 2048
+    python mimco.py --model vit_s --data /imagenet --teacher vit-s-300ep.pth.tar      # one GPU, accumulated to 2048
     torchrun --nproc_per_node 8 mimco.py --model vit_s --data /imagenet --teacher vit-s-300ep.pth.tar
     torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \\
         mimco.py --model vit_b --data /imagenet --teacher vit-b-300ep.pth.tar        # NODE = 0 / 1
@@ -29,10 +29,10 @@ MoCo v3 teachers: vit-s-300ep.pth.tar / vit-b-300ep.pth.tar from facebookresearc
 linear probe 73.2 / 76.7, fine-tune 81.4 / 83.2); common/checkpoints.py reads `module.base_encoder.*`.
 
 Expected results. Paper: ViT-S student, MoCo v3 ViT-S teacher, 100 epochs -> 82.53 % ImageNet-1K fine-tune top-1
-(the one confirmed number). Cost: a step is one MAE step plus a no-grad teacher pass over the full image, ~1.6x
-an MAE step for vit_mini on a CPU (GPUs not measured). The default CPU run (`python mimco.py` after `python mae.py
-&& python mae_ct.py`: 16 epochs, 1248 steps; `python mae.py --epochs 16 --warmup_epochs 2` is the MAE of the
-same steps): measured numbers and wall time in the README ("Results on the built-in data").
+(the one confirmed number). Cost: a step is one MAE step plus a no-grad teacher pass over the full image (the
+README gives the measured CPU ratio). The default CPU run (`python mimco.py` after `python mae.py && python
+mae_ct.py`: 16 epochs; `python mae.py --epochs 16 --warmup_epochs 2` is the MAE of the same steps): measured
+numbers and wall time in the README ("Results on the built-in data").
 
 What is the paper (confirmed): two stages; a frozen contrastive teacher such as MoCo v3; a patch-level and an
 image-level reconstruction loss, both contrastive; ViT-S for 100 epochs with a MoCo v3 ViT-S teacher.
@@ -54,24 +54,93 @@ What is ours (unconfirmed, each a flag):
     its position embedding, and solve the patch loss without learning anything;
   - the recipe (MAE's): AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4 x 2048 / 256, 10 warm-up epochs, cosine,
     RandomResizedCrop(0.2-1) + flip, 100 epochs for every size; bf16 autocast on GPU;
-  - the CPU preset vit_mini: mae.py's recipe and predictor at 16 epochs (batch 128, blr 1.5e-3; mae.py's own
-    default is 40), about 14 minutes; the teacher defaults to runs/mae_ct's (or runs/mim_refiner's) checkpoint.
+  - the CPU preset vit_mini: mae.py's recipe and predictor at 16 epochs (global batch 128, blr 1.5e-3; mae.py's
+    own default is 40); the teacher defaults to runs/mae_ct's (or runs/mim_refiner's) checkpoint.
 """
 import argparse
 import os
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
-from common import engine
-from common.vit import PRESETS, Block, create_vit, get_2d_sincos_pos_embed
+from common import config, data, distributed, eval as evaluation, optim, trainer as training
+from common.checkpoints import start_from
+from common.distributed import all_gather, rank
+from common.vit import Block, create_vit, get_2d_sincos_pos_embed
 
-# Predictor of --layout mae per preset: (dim, depth, heads). vit_s/b/l/h: MAE's decoder (facebookresearch/mae
-# models_mae.py dec512d8b); vit_mini / vit_micro: mae.py's CPU decoders, so that MAE and MimCo compare fairly.
-PREDICTORS = {"vit_micro": (32, 1, 2), "vit_mini": (128, 2, 4)}
-HEAD_HIDDEN = {"vit_micro": 64, "vit_mini": 512}       # image head hidden width; 2048 otherwise (our choice)
 MASK_RATIO = {"mae": 0.75, "full": 0.6}                 # MAE's / SimMIM's ratios for the two student layouts
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipes. GPU (ours, unconfirmed except 100 epochs for ViT-S): MAE's optimizer, schedule and decoder at BEiT's
+# batch 2048. CPU: mae.py's recipe and decoder at 16 epochs (mae.py's own default is 40).
+# ----------------------------------------------------------------------------------------------------------
+PAPER = dict(epochs=100, global_batch=2048, batch_size=128, blr=1.5e-4, warmup_epochs=10, weight_decay=0.05,
+             predictor=[512, 8, 16], proj_hidden_dim=2048)
+CPU = dict(epochs=16, global_batch=128, blr=1.5e-3, warmup_epochs=2, weight_decay=0.05, log_every=10,
+           eval_teacher=True)
+RECIPES = {
+    "vit_mini": dict(CPU, predictor=[128, 2, 4], proj_hidden_dim=512),
+    "vit_micro": dict(CPU, predictor=[32, 1, 2], proj_hidden_dim=64),      # tests only
+    **{name: PAPER for name in ("vit_s", "vit_t", "vit_b", "vit_l", "vit_h")},
+}
+
+
+def add_arguments(parser):
+    add = parser.add_argument
+    add("--teacher", default=None, help="frozen contrastive teacher: any file common/checkpoints.py reads (MoCo v3 "
+        "vit-s-300ep.pth.tar, our mae_ct.py / mim_refiner.py runs); default for the CPU presets: runs/mae_ct's, else "
+        "runs/mim_refiner's checkpoint; 'random' = a random ViT (smoke tests)")
+    add("--teacher_ema", action="store_true", help="take the teacher from the file's EMA encoder (our checkpoints)")
+    add("--teacher_block", type=int, default=None, help="teacher features = raw output of this block (default: "
+        "the last block after the final norm)")
+    add("--teacher_global", default="cls", choices=["cls", "mean"], help="teacher global feature: CLS token or "
+        "mean of the patch tokens")
+    add("--student_global", default="cls", choices=["cls", "mean"], help="student global feature fed to the "
+        "image head: CLS token or mean of the (visible) patch tokens after the final norm")
+    add("--layout", default="mae", choices=sorted(MASK_RATIO), help="student: mae = visible tokens + predictor with "
+        "mask tokens; full = mask tokens in the encoder input (BEiT/SimMIM)")
+    add("--mask_ratio", type=float, default=None, help="fraction of patches removed "
+        "(default 0.75 for mae, 0.6 for full)")
+    add("--predictor", type=int, nargs=3, metavar=("DIM", "DEPTH", "HEADS"),
+        help="predictor of --layout mae (MAE's decoder 512 8 16)")
+    add("--shared_dim", type=int, default=None, help="loss space width; default: the teacher's width (teacher "
+        "features used as they are); else the teacher is mapped by a fixed random orthonormal matrix")
+    add("--proj_hidden_dim", type=int, help="hidden width of the image head MLP")
+    add("--tau_patch", type=float, default=0.2, help="temperature of the patch-level InfoNCE")
+    add("--tau_image", type=float, default=0.2, help="temperature of the image-level InfoNCE")
+    add("--lambda_image", type=float, default=1.0, help="weight of the image-level loss: loss = patch + lambda x image")
+    add("--patch_negatives", default="image", choices=["image", "batch"], help="patch negatives: the teacher "
+        "patches of the same image, or of every image in this process's batch")
+    add("--crop_min", type=float, default=0.2, help="RandomResizedCrop scale (crop_min, 1) as MAE")
+    add("--eval_teacher", action=argparse.BooleanOptionalAction, default=False, help="also evaluate the teacher at "
+        "the end, for comparison")
+
+
+def get_args(argv=None):
+    args = config.parse_args("mimco", RECIPES, add_arguments, argv,
+                             "MimCo: MIM with a frozen contrastive teacher (see the module docstring).",
+                             default_model="vit_mini")
+    if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
+        raise SystemExit(f"--mask_ratio {args.mask_ratio} must be in (0, 1): the patch loss needs masked patches.")
+    for flag in ("tau_patch", "tau_image"):
+        if getattr(args, flag) <= 0:
+            raise SystemExit(f"--{flag} {getattr(args, flag)} must be positive (default 0.2).")
+    if not 0 < args.crop_min <= 1:
+        raise SystemExit(f"--crop_min {args.crop_min} must be in (0, 1] (MAE's 0.2).")
+    if args.teacher is None and args.model not in ("vit_mini", "vit_micro"):
+        raise SystemExit(f"--model {args.model} needs --teacher, a contrastive ViT with the same patch size "
+                         "(e.g. MoCo v3's vit-s-300ep.pth.tar from facebookresearch/moco-v3).")
+    return args
+
+
+def train_transform(size, crop_min):
+    """RandomResizedCrop(size, (crop_min, 1), bicubic) + horizontal flip + normalise, MAE's augmentation
+    (facebookresearch/mae: main_pretrain.py); the teacher sees the same view, unmasked."""
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(crop_min, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.RandomHorizontalFlip(), *data.to_normalized_tensor()])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,9 +192,9 @@ def image_infonce(student_global, teacher_global, tau):
     its positive at column r * B + i. Mean over this rank's images; the mean over ranks equals the loss of one
     process on the whole batch. Returns (loss, top-1 accuracy of the positive)."""
     queries = F.normalize(student_global.float(), dim=-1)
-    keys = engine.all_gather(F.normalize(teacher_global.float(), dim=-1))          # (world * B, C)
+    keys = all_gather(F.normalize(teacher_global.float(), dim=-1))          # (world * B, C)
     logits = queries @ keys.T / tau
-    target = torch.arange(len(queries), device=queries.device) + engine.rank() * len(queries)
+    target = torch.arange(len(queries), device=queries.device) + rank() * len(queries)
     return F.cross_entropy(logits, target), (logits.argmax(dim=1) == target).float().mean()
 
 
@@ -142,7 +211,7 @@ class MimCo(nn.Module):
     """
 
     def __init__(self, encoder, teacher_dim, layout="mae", predictor=(512, 8, 16), mask_ratio=None,
-                 shared_dim=None, head_hidden=2048, tau_patch=0.2, tau_image=0.2, lambda_image=1.0,
+                 shared_dim=None, proj_hidden_dim=2048, tau_patch=0.2, tau_image=0.2, lambda_image=1.0,
                  patch_negatives="image", student_global="cls", teacher_global="cls"):
         super().__init__()
         if layout not in MASK_RATIO:
@@ -165,7 +234,7 @@ class MimCo(nn.Module):
             dim = D
             self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.patch_head = nn.Linear(dim, shared)
-        self.image_head = nn.Sequential(nn.Linear(D, head_hidden), nn.GELU(), nn.Linear(head_hidden, shared))
+        self.image_head = nn.Sequential(nn.Linear(D, proj_hidden_dim), nn.GELU(), nn.Linear(proj_hidden_dim, shared))
         # Teacher side: identity, or a fixed random orthonormal map into --shared_dim (never trained, see docstring).
         if shared_dim and shared_dim != teacher_dim:
             basis = torch.randn(max(teacher_dim, shared), min(teacher_dim, shared),
@@ -235,20 +304,19 @@ class MimCo(nn.Module):
         return loss, parts
 
 
-def create_mimco(name="vit_s", teacher_dim=None, predictor=None, img_size=None, **kwargs):
-    """MimCo student on a preset ViT (common.vit.PRESETS). teacher_dim defaults to the student's width;
-    predictor = (dim, depth, heads) overrides PREDICTORS (MAE's 512/8/16 for the paper sizes); kwargs go to MimCo."""
+def create_mimco(name="vit_s", teacher_dim=None, img_size=None, **kwargs):
+    """MimCo student on a preset ViT (common.vit.PRESETS). teacher_dim defaults to the student's width; kwargs go
+    to MimCo (predictor and proj_hidden_dim default to the preset's recipe)."""
     encoder = create_vit(name, **({"img_size": img_size} if img_size else {}))
-    kwargs.setdefault("head_hidden", HEAD_HIDDEN.get(name, 2048))
-    return MimCo(encoder, teacher_dim or encoder.embed_dim, predictor=predictor or PREDICTORS.get(name, (512, 8, 16)),
-                 **kwargs)
+    kwargs.setdefault("predictor", RECIPES[name]["predictor"])
+    kwargs.setdefault("proj_hidden_dim", RECIPES[name]["proj_hidden_dim"])
+    return MimCo(encoder, teacher_dim or encoder.embed_dim, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The teacher: any checkpoint common/checkpoints.py reads, frozen, eval mode, never in the optimizer
 # ----------------------------------------------------------------------------------------------------------
-DEFAULT_TEACHERS = [os.path.join("runs", "mae_ct", "tune", "checkpoint-last.pth"),
-                    os.path.join("runs", "mae_ct", "checkpoint-last.pth"),
+DEFAULT_TEACHERS = [os.path.join("runs", "mae_ct", "checkpoint-last.pth"),
                     os.path.join("runs", "mim_refiner", "checkpoint-last.pth")]
 
 
@@ -265,13 +333,9 @@ def load_teacher(spec, student, use_ema=False, log=print):
         spec = found[0]
     if spec == "random":
         log("[mimco] WARNING: --teacher random is a random frozen ViT: the student learns nothing useful (smoke tests)")
-        teacher = create_vit(getattr(student, "preset", "vit_b"), img_size=student.img_size)
+        teacher = create_vit(student.preset, img_size=student.img_size)
     else:
-        from common.checkpoints import CheckpointError, build_vit_from_checkpoint
-        try:
-            teacher, info = build_vit_from_checkpoint(spec, use_ema=use_ema, img_size=student.img_size)
-        except CheckpointError as e:
-            raise SystemExit(f"--teacher: {e}") from None
+        teacher, info = start_from(spec, use_ema=use_ema, what="--teacher", img_size=student.img_size)
         log(f"[mimco] teacher {spec} ({info['format']}): width {teacher.embed_dim}, depth {teacher.depth}, "
             f"{teacher.num_heads} heads, patch {teacher.patch_size}")
     if teacher.patch_size != student.patch_size:
@@ -293,140 +357,47 @@ def teacher_tokens(teacher, imgs, block=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------------
-# GPU recipe (ours, unconfirmed except 100 epochs for ViT-S): MAE's optimizer and schedule at BEiT's batch 2048.
-PAPER_RECIPE = dict(epochs=100, batch_size=128, blr=1.5e-4, warmup_epochs=10, weight_decay=0.05, accum_iter=None)
-PAPER_GLOBAL_BATCH = 2048
-CPU_RECIPE = dict(epochs=16, batch_size=128, blr=1.5e-3, warmup_epochs=2, weight_decay=0.05, accum_iter=None,
-                  log_every=10)                          # mae.py's CPU recipe at 16 epochs (mae.py's default: 40)
-CPU_MODELS = ("vit_micro", "vit_mini")
-
-
-def get_args(argv=None):
-    pre = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
-    pre.add_argument("--model", default="vit_mini")
-    model_name = pre.parse_known_args(argv)[0].model
-    if model_name not in PRESETS:
-        raise SystemExit(f"--model {model_name!r} is not a ViT preset; choose one of {', '.join(PRESETS)}.")
-    cpu = model_name in CPU_MODELS
-    parser = argparse.ArgumentParser(allow_abbrev=False, description="MimCo: MIM with a frozen contrastive teacher (see the docstring).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = parser.add_argument
-    add("--model", default="vit_mini", help="student ViT preset: vit_micro / vit_mini for 32 px CPU runs, vit_s "
-        "(the paper's) / vit_b with the GPU recipe")
-    engine.add_common_args(parser, **(CPU_RECIPE if cpu else PAPER_RECIPE))
-    add("--global_batch", type=int, default=None if cpu else PAPER_GLOBAL_BATCH, help="when --accum_iter is not "
-        "given, it is set to global_batch / (batch_size x processes)")
-    add("--img_size", type=int, default=None, help="training resolution (default: the preset's, 32 for the CPU "
-        "presets, 224 otherwise); the teacher's position table is interpolated to it")
-    add("--teacher", default=None, help="frozen contrastive teacher: any file common/checkpoints.py reads (MoCo v3 "
-        "vit-s-300ep.pth.tar, our mae_ct.py / mim_refiner.py runs); default: runs/mae_ct's, else runs/mim_refiner's "
-        "checkpoint; 'random' = a random ViT (smoke tests)")
-    add("--teacher_ema", action="store_true", help="take the teacher from the file's EMA encoder (our checkpoints)")
-    add("--teacher_block", type=int, default=None, help="teacher features = raw output of this block (default: "
-        "the last block after the final norm)")
-    add("--teacher_global", default="cls", choices=["cls", "mean"], help="teacher global feature: CLS token or "
-        "mean of the patch tokens")
-    add("--student_global", default="cls", choices=["cls", "mean"], help="student global feature fed to the "
-        "image head: CLS token or mean of the (visible) patch tokens after the final norm")
-    add("--layout", default="mae", choices=sorted(MASK_RATIO), help="student: mae = visible tokens + predictor with "
-        "mask tokens; full = mask tokens in the encoder input (BEiT/SimMIM)")
-    add("--mask_ratio", type=float, default=None, help="fraction of patches removed "
-        "(default 0.75 for mae, 0.6 for full)")
-    add("--predictor", type=int, nargs=3, default=None, metavar=("DIM", "DEPTH", "HEADS"),
-        help="predictor of --layout mae (default MAE's decoder 512 8 16; smaller for the CPU presets)")
-    add("--shared_dim", type=int, default=None, help="loss space width; default: the teacher's width (teacher "
-        "features used as they are); else the teacher is mapped by a fixed random orthonormal matrix")
-    add("--head_hidden", type=int, default=None, help="hidden width of the image head MLP (default 2048; CPU 512)")
-    add("--tau_patch", type=float, default=0.2, help="temperature of the patch-level InfoNCE")
-    add("--tau_image", type=float, default=0.2, help="temperature of the image-level InfoNCE")
-    add("--lambda_image", type=float, default=1.0, help="weight of the image-level loss: loss = patch + lambda x image")
-    add("--patch_negatives", default="image", choices=["image", "batch"], help="patch negatives: the teacher "
-        "patches of the same image, or of every image in this process's batch")
-    add("--min_crop", type=float, default=0.2, help="RandomResizedCrop scale (min_crop, 1) as MAE")
-    add("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
-        help="built-in data only: images per class in train and val (default 1000 200)")
-    add("--eval", default="knn,perblock", help="protocols of common.eval for the student at the end, or 'none'")
-    add("--eval_teacher", action=argparse.BooleanOptionalAction, default=cpu, help="also k-NN the teacher at the "
-        "end, for comparison (default on for the CPU presets)")
-    args = parser.parse_args(argv)
-    if args.mask_ratio is not None and not 0 < args.mask_ratio < 1:
-        raise SystemExit(f"--mask_ratio {args.mask_ratio} must be in (0, 1): the patch loss needs masked patches.")
-    for flag in ("tau_patch", "tau_image"):
-        if getattr(args, flag) <= 0:
-            raise SystemExit(f"--{flag} {getattr(args, flag)} must be positive (default 0.2).")
-    if args.n_per_class and args.data not in (None, "builtin"):
-        raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
-    if args.teacher is None and not cpu:
-        raise SystemExit(f"--model {args.model} needs --teacher, a contrastive ViT with the same patch size "
-                         "(e.g. MoCo v3's vit-s-300ep.pth.tar from facebookresearch/moco-v3).")
-    if args.accum_iter is None and args.global_batch is None:
-        args.accum_iter = 1
-    elif args.accum_iter is None:
-        per_step = args.batch_size * int(os.environ.get("WORLD_SIZE", 1))
-        if args.global_batch % per_step:
-            raise SystemExit(f"--global_batch {args.global_batch} is not a multiple of --batch_size x processes = "
-                             f"{per_step}; change one of them or give --accum_iter.")
-        args.accum_iter = max(1, args.global_batch // per_step)
-    return args
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    import time
-
-    from common import data
-
     args = get_args(argv)
-    dist = engine.setup(args)                                  # lr = blr x global batch / 256
+    dist = training.setup(args)                                  # lr = blr x global batch / 256
     log = print if dist.is_main else (lambda *a, **k: None)
     encoder = create_vit(args.model, **({"img_size": args.img_size} if args.img_size else {}))
     teacher = load_teacher(args.teacher, encoder, args.teacher_ema, log).to(dist.device)
-    args.teacher = teacher.source                              # the file actually used, in config.json and the ckpt
-    model = MimCo(encoder, teacher.embed_dim, args.layout, args.predictor or PREDICTORS.get(args.model, (512, 8, 16)),
-                  args.mask_ratio, args.shared_dim, args.head_hidden or HEAD_HIDDEN.get(args.model, 2048),
-                  args.tau_patch, args.tau_image, args.lambda_image, args.patch_negatives, args.student_global,
-                  args.teacher_global).to(dist.device)
+    args.teacher = teacher.source                                # the file actually used, in config.json and the ckpt
+    model = MimCo(encoder, teacher.embed_dim, args.layout, args.predictor, args.mask_ratio, args.shared_dim,
+                  args.proj_hidden_dim, args.tau_patch, args.tau_image, args.lambda_image, args.patch_negatives,
+                  args.student_global, args.teacher_global)
+    if args.ckpt:
+        start_from(args.ckpt, model)                             # the student's encoder from any supported file
+    encoder.set_grad_checkpointing(args.grad_checkpointing)
+    model.to(dist.device)
     img_size = encoder.img_size[0]
-    builtin = {"n_per_class": args.n_per_class[0]} if args.n_per_class else {}
-    train_set = data.build_dataset(args.data, "train", data.mae_transform(img_size, scale=(args.min_crop, 1.0)),
-                                   seed=args.seed, **builtin)
+    train_set = data.build_dataset(args.data, "train", train_transform(img_size, args.crop_min), seed=args.seed,
+                                   n_per_class=args.n_per_class)
     loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
                                seed=args.seed)
-    optimizer = torch.optim.AdamW(engine.param_groups(model.named_parameters(), args.weight_decay),
+    optimizer = torch.optim.AdamW(optim.param_groups(model.named_parameters(), args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.95))
-    ddp_model = engine.wrap_ddp(model, dist)
-    trainer = engine.Trainer(args, ddp_model, optimizer, loader, dist, encoder=encoder)
+    ddp_model = distributed.wrap_ddp(model, dist, compile=args.compile)
+    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=encoder)
     log(f"[mimco] student {args.model} ({args.layout} layout, mask ratio {model.mask_ratio}): "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M trainable-module parameters; global batch "
-        f"{args.batch_size * dist.world_size * args.accum_iter}, {trainer.total_steps} steps", flush=True)
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M trainable-module parameters, "
+        f"{run.total_steps} steps", flush=True)
     start = time.time()
-    for images, _, _ in trainer:
-        with trainer.autocast():
+    for images, _, _ in run:
+        with run.micro_batch():
             targets = teacher_tokens(teacher, images, args.teacher_block)
             loss, parts = ddp_model(images, targets)
-        trainer.step(loss, **parts)
-    trainer.finish()
+        run.step(loss, **parts)
+    run.finish()
     train_s = time.time() - start
-    log(f"[mimco] trained {trainer.global_step} steps in {train_s:.0f} s", flush=True)
-
-    if args.eval != "none":
-        from common.eval import build_eval_loaders, evaluate
-        loaders = build_eval_loaders(args.data, img_size, 256, args.num_workers, args.n_per_class)
-        student = evaluate(encoder, args.data, img_size, protocols=args.eval, out_dir=args.output_dir, plots=True,
-                           num_workers=args.num_workers, name=f"mimco {args.model}", loaders=loaders,
-                           extra={"step": trainer.global_step, "train_s": round(train_s)})
-        reference = evaluate(teacher, args.data, img_size, protocols="knn", out_dir=args.output_dir, loaders=loaders,
-                             name="mimco teacher", pixel_baseline=False) if args.eval_teacher else None
-        if dist.is_main and student and "knn" in student:
-            summary = {"knn_student": student["knn"], "pixels_knn": student.get("pixels_knn")}
-            if reference:
-                summary["knn_teacher"] = reference["knn"]
-            trainer.logger.log(trainer.global_step, trainer.epoch, **summary)
-    engine.cleanup()
+    log(f"[mimco] trained {run.global_step} steps in {train_s:.0f} s", flush=True)
+    encoders = {"mimco teacher": teacher} if args.eval_teacher else {}
+    encoders[f"mimco student {args.model}"] = encoder
+    evaluation.end_of_run(encoders, args, dist, extra={"step": run.global_step, "train_s": round(train_s)})
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -13,26 +13,22 @@ reconstructs the patches its image lost. "Unmixing" picks, for every patch of ev
 prediction made where that patch was hidden, and the loss is the mean squared error against per-patch
 normalised pixels (norm-pix) over all patches.
 
-Commands (run directory: --output_dir, default runs/mixmim; global batch = batch x processes x accum_iter):
-    python mixmim.py                                              # built-in data, vit_mini, 30 min on 2 CPU cores
-    python mixmim.py --model vit_b --data /imagenet --accum_iter 16            # one GPU: 128 x 16 = 2048
-    torchrun --nproc_per_node 8 mixmim.py --model vit_b --data /imagenet --accum_iter 2     # 128 x 8 x 2
+Commands (run directory: --output_dir, default runs/mixmim):
+    python mixmim.py                                              # built-in data, vit_mini, 2 CPU cores
+    python mixmim.py --model vit_b --data /imagenet               # one GPU: 128 per step x 16 accumulated = 2048
+    torchrun --nproc_per_node 8 mixmim.py --model vit_b --data /imagenet          # 128 x 8 GPUs x 2 accumulated
     torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \\
         mixmim.py --model vit_l --data /imagenet                 # two nodes, 128 x 16 = 2048 as the official run
     python mixmim.py ... --resume auto                            # continue from <output_dir>/checkpoint-last.pth
     python -m common.eval --ckpt runs/mixmim/checkpoint-last.pth --data /imagenet --protocol knn,linear
+The global batch is the official 2048 on any number of GPUs (--global_batch; 128 images per GPU per forward pass).
 
 Expected results. Official (hierarchical Swin-B/W14 encoder, 600 epochs, ImageNet-1K fine-tuned top-1,
 Sense-X/MixMIM README): MixMIM-B 85.1, MixMIM-L 85.9; mmpretrain's 300-epoch re-run of B: 84.63. Plain-ViT
-numbers are not published (reference notes 2.8), so none is promised here. Cost: the encoder runs on all
-196 tokens of every image (MAE's on 49), so a ViT-B step costs roughly 3x an MAE step at the same batch
-(our estimate from FLOPs; measured for vit_mini on 2 CPU cores: 113 against ~310 images/s, 2.8x); the official
-run used 16 GPUs x 128 images.
-Default CPU run (`python mixmim.py`: vit_mini, 20 epochs = 3120 steps of 64 on the 10k built-in images, as many
-steps as mae.py's default): its measured numbers and wall time are in the README ("Results on the built-in data").
-15 epochs (2340 steps, 23 min) reach 28.50 k-NN, 3 points above raw pixels; shorter runs stayed below them (10
-epochs at batch 64, 1560 steps; 12 epochs at batch 128, 936 steps): on this data the number of steps, not of
-epochs, decides whether the CLS token becomes a useful feature.
+numbers are not published, so none is promised here. Cost: the encoder runs on all 196 tokens of every image
+(MAE's on 49), so a ViT-B step costs roughly 3x an MAE step at the same batch (our estimate from FLOPs); the
+official run used 16 GPUs x 128 images. The default CPU run's measured numbers, wall time and the shorter runs
+tried are in the README ("Results on the built-in data").
 
 What is the official method (Sense-X/MixMIM: models_mixmim.py, main_pretrain.py, exp/base_600ep/pretrain.sh):
   - one random mask per batch, drawn by each GPU, ratio 0.5, int(cells * 0.5) cells from the partner;
@@ -44,12 +40,12 @@ What is the official method (Sense-X/MixMIM: models_mixmim.py, main_pretrain.py,
   - loss: mean over all patches of (unmix(pred) - norm_pix(target))^2, unbiased var, eps 1e-6;
   - recipe: batch 2048, AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4 (lr = blr * batch / 256), 40 warm-up epochs,
     cosine to 0, 600 epochs, RandomResizedCrop(224, 0.2-1, bicubic) + flip, no drop path.
-What is ours (reference notes 2.10; the official encoder is a hierarchical Swin without shifts):
+What is ours (the official encoder is a hierarchical Swin without shifts):
   - the encoder is the shared plain ViT (LayerNorm eps 1e-6, MAE's init) with global attention; the
     group mask goes through kernels.attention(q, k, v, groups) (Triton on GPU) instead of a -1e30 logit bias;
   - mixing unit (--mix_unit, in patches per side): default 2 patches = 32 px at patch 16, the official 32 px
     cell (7x7 cells at 224 px, 24 from the partner, exactly as the official mask); on the 32 px CPU data, 2
-    patches = 8 px cells (4x4 grid). --mix_unit 1 mixes single tokens (the notes' 2.10 proposal);
+    patches = 8 px cells (4x4 grid). --mix_unit 1 mixes single tokens;
   - CLS: the official model has none. We give each group its own CLS token (two copies of the one cls_token
     parameter, one attending only to image A's tokens, one only to image B's) and pass each to its decoder
     copy as MAE does, so the CLS is trained and every CLS-based protocol (k-NN, linear probe, fine-tuning)
@@ -60,22 +56,66 @@ What is ours (reference notes 2.10; the official encoder is a hierarchical Swin 
     the two images meet, so each image costs about half of dense attention (--no_sort_groups to compare);
   - the decoder predicts the p x p pixels of each patch (patch 16: 14x14 grid; the official decoder predicts
     32 px cells on 7x7), so the loss is the same unmix MSE at patch resolution;
-  - CPU presets (vit_micro / vit_mini): smaller decoders, batch 64 and 20 epochs (see above), our choice;
-  - the CLI refuses an odd batch per process (the official code would mix the middle image with itself).
+  - CPU presets (vit_micro / vit_mini): smaller decoders, global batch 64 and 20 epochs, our choice;
+  - an odd batch per process is refused (the official code would mix the middle image with itself).
 """
-import argparse
 import os
 import time
 
 import torch
 import torch.nn as nn
+from torchvision.transforms import v2
 
+from common import config, data, distributed, eval as evaluation, optim, trainer as training
+from common.checkpoints import start_from
+from common.plots import plot_image_grid
 from common.vit import Block, create_vit, get_2d_sincos_pos_embed
 
-# Decoder per encoder size: (width, depth, heads). Official: 512 / 8 / 16 (Sense-X/MixMIM: models_mixmim.py
-# mixmim_base/large, decoder_dim=512, decoder_depth=8, decoder_num_heads=16). CPU presets: our choice.
-DECODERS = {"vit_micro": (32, 1, 2), "vit_mini": (128, 2, 4)}
-OFFICIAL_DECODER = (512, 8, 16)
+# ----------------------------------------------------------------------------------------------------------
+# Recipes: the official one for the paper sizes (Sense-X/MixMIM: exp/base_600ep/pretrain.sh, main_pretrain.py,
+# models_mixmim.py decoder 512/8/16); our choice for the 32 px CPU presets.
+# ----------------------------------------------------------------------------------------------------------
+PAPER = dict(epochs=600, global_batch=2048, batch_size=128, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05,
+             crop_min=0.2, mask_ratio=0.5, mix_unit=2, decoder=[512, 8, 16])
+CPU = dict(epochs=20, global_batch=64, blr=2e-3, warmup_epochs=2, weight_decay=0.05, crop_min=0.2, mask_ratio=0.5,
+           mix_unit=2, log_every=20)
+RECIPES = {
+    "vit_mini": dict(CPU, decoder=[128, 2, 4]),
+    "vit_micro": dict(CPU, decoder=[32, 1, 2]),                 # tests only
+    **{name: PAPER for name in ("vit_t", "vit_s", "vit_b", "vit_l", "vit_h", "vit_2b")},
+}
+
+
+def add_arguments(parser):
+    parser.add_argument("--mask_ratio", type=float, help="fraction of mixing cells taken from the partner image "
+                        "(official 0.5)")
+    parser.add_argument("--mix_unit", type=int, help="side of a mixing cell in patches: 2 = the official 32 px cell "
+                        "at patch 16; 1 = single patches")
+    parser.add_argument("--crop_min", type=float, help="RandomResizedCrop scale (crop_min, 1) (official 0.2)")
+    parser.add_argument("--decoder", type=int, nargs=3, metavar=("DIM", "DEPTH", "HEADS"),
+                        help="decoder width, depth, heads (official 512 8 16)")
+    parser.add_argument("--no_norm_pix_loss", action="store_true",
+                        help="regress raw (normalised-image) pixels instead of per-patch normalised ones")
+    parser.add_argument("--no_sort_groups", action="store_true", help="run the encoder on tokens in grid order "
+                        "instead of sorted by group (same math, slower group-masked attention)")
+
+
+def get_args(argv=None):
+    args = config.parse_args("mixmim", RECIPES, add_arguments, argv,
+                             "MixMIM / MixMAE pre-training of a plain ViT (see the module docstring).",
+                             default_model="vit_mini")
+    if not 0 < args.mask_ratio < 1:
+        raise SystemExit(f"--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1 (official 0.5).")
+    if not 0 < args.crop_min <= 1:
+        raise SystemExit(f"--crop_min {args.crop_min} must be in (0, 1] (official 0.2).")
+    return args
+
+
+def train_transform(size, crop_min):
+    """RandomResizedCrop(size, (crop_min, 1), bicubic) + horizontal flip + normalise (Sense-X/MixMIM:
+    main_pretrain.py, as MAE's)."""
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(crop_min, 1.0), interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.RandomHorizontalFlip(), *data.to_normalized_tensor()])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,61 +286,10 @@ class MixMIM(nn.Module):
 
 
 def create_mixmim(name="vit_b", decoder=None, mix_unit=2, norm_pix_loss=True, sort_groups=True, **vit_overrides):
-    """MixMIM around create_vit(name, **vit_overrides); decoder (width, depth, heads) defaults per preset."""
+    """MixMIM around create_vit(name, **vit_overrides) with a (width, depth, heads) decoder (default: the preset's
+    recipe)."""
     encoder = create_vit(name, **vit_overrides)
-    width, depth, heads = decoder or DECODERS.get(name, OFFICIAL_DECODER)
-    return MixMIM(encoder, width, depth, heads, mix_unit, norm_pix_loss, sort_groups)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------------
-# Official pre-training recipe (reference notes 2.7; Sense-X/MixMIM: exp/base_600ep/pretrain.sh, main_pretrain.py):
-# global batch 2048 = 128 per GPU x 16 GPUs (use --accum_iter so that GPUs x batch x accum = 2048), blr 1.5e-4,
-# 40 warm-up epochs, 600 epochs, AdamW (0.9, 0.95), wd 0.05; RandomResizedCrop(224, 0.2-1) + flip.
-PAPER_RECIPE = dict(epochs=600, batch_size=128, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05)
-# The built-in 32 px data on a 2-core CPU (our choice): 3120 steps, 30 min, k-NN 12 points above raw pixels (2340
-# steps: 3 points above; 1560: below; see the docstring and the README).
-CPU_RECIPE = dict(epochs=20, batch_size=64, blr=2e-3, warmup_epochs=2, weight_decay=0.05, log_every=20)
-CPU_MODELS = ("vit_micro", "vit_mini")
-
-
-def get_args(argv=None):
-    from common import engine
-
-    pre = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
-    pre.add_argument("--model", default="vit_mini")
-    model_name = pre.parse_known_args(argv)[0].model
-    parser = argparse.ArgumentParser(allow_abbrev=False, description="MixMIM / MixMAE pre-training of a plain ViT (see the docstring).",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="vit_mini", help="ViT preset (common/vit.py); vit_micro / vit_mini are "
-                        "the CPU presets for 32 px images, vit_* the paper sizes with the official recipe")
-    engine.add_common_args(parser, **(CPU_RECIPE if model_name in CPU_MODELS else PAPER_RECIPE))
-    parser.add_argument("--img_size", type=int, default=None, help="training resolution (default: the preset's, "
-                        "32 for the CPU presets, 224 otherwise)")
-    parser.add_argument("--mask_ratio", type=float, default=0.5,
-                        help="fraction of mixing cells taken from the partner image (official 0.5)")
-    parser.add_argument("--mix_unit", type=int, default=2, help="side of a mixing cell in patches: 2 = the official "
-                        "32 px cell at patch 16; 1 = single patches")
-    parser.add_argument("--decoder", type=int, nargs=3, default=None, metavar=("DIM", "DEPTH", "HEADS"),
-                        help="decoder width, depth, heads (default: official 512 8 16; CPU presets smaller)")
-    parser.add_argument("--no_norm_pix_loss", action="store_true",
-                        help="regress raw (normalised-image) pixels instead of per-patch normalised ones")
-    parser.add_argument("--no_sort_groups", action="store_true", help="run the encoder on tokens in grid order "
-                        "instead of sorted by group (same math, slower group-masked attention)")
-    parser.add_argument("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
-                        help="built-in data only: images per class in train and val (default 1000 200)")
-    parser.add_argument("--eval", default="knn,perblock", help="protocols of common.eval run at the end "
-                        "(knn, perblock, linear, lowshot, cluster, all, comma-separated), or 'none'")
-    args = parser.parse_args(argv)
-    if args.batch_size % 2:
-        raise SystemExit(f"--batch_size {args.batch_size} is odd: MixMIM pairs image i with image B-1-i, so the "
-                         "middle image would be mixed with itself; use an even batch size per process.")
-    if not 0 < args.mask_ratio < 1:
-        raise SystemExit(f"--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1 (official 0.5).")
-    if args.n_per_class and args.data not in (None, "builtin"):
-        raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
-    return args
+    return MixMIM(encoder, *(decoder or RECIPES[name]["decoder"]), mix_unit, norm_pix_loss, sort_groups)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,8 +300,6 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.5, pairs=4, seed=0):
     """imgs (B, 3, H, W) normalised, B even -> PNG with one row per pair (image i, partner B-1-i): the two
     sources, the mixed input the encoder saw for image i, and both unmixed reconstructions. Norm-pix
     predictions are put back in pixel units with each target patch's own mean and std (as MAE's demo)."""
-    from common.plots import plot_image_grid
-
     model.eval()
     p, grid = model.encoder.patch_size, model.encoder.grid_size
     noise = torch.rand(model.num_cells, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
@@ -331,58 +318,51 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.5, pairs=4, seed=0):
 # Main
 # ----------------------------------------------------------------------------------------------------------
 def main(argv=None):
-    from common import data, engine
-
     args = get_args(argv)
-    dist = engine.setup(args)                                   # lr = blr x global batch / 256
-    overrides = {"img_size": args.img_size} if args.img_size else {}
+    dist = training.setup(args)                                 # lr = blr x global batch / 256
     model = create_mixmim(args.model, decoder=args.decoder, mix_unit=args.mix_unit,
                           norm_pix_loss=not args.no_norm_pix_loss, sort_groups=not args.no_sort_groups,
-                          **overrides).to(dist.device)
+                          **({"img_size": args.img_size} if args.img_size else {}))
+    if args.batch_size % 2:
+        raise SystemExit(f"--batch_size {args.batch_size} (images per process) is odd: MixMIM pairs image i with "
+                         "image B-1-i, so the middle image would be mixed with itself; use an even batch per process.")
+    if args.ckpt:
+        start_from(args.ckpt, model)                            # the encoder (and decoder) from any supported file
+    model.encoder.set_grad_checkpointing(args.grad_checkpointing)
+    model.to(dist.device)
     img_size = model.encoder.img_size[0]
-    builtin = {"n_per_class": args.n_per_class[0]} if args.n_per_class else {}
-    train_set = data.build_dataset(args.data, "train", data.mae_transform(img_size, scale=(0.2, 1.0)),
-                                   seed=args.seed, **builtin)
+    train_set = data.build_dataset(args.data, "train", train_transform(img_size, args.crop_min), seed=args.seed,
+                                   n_per_class=args.n_per_class)
     loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
                                seed=args.seed)
     # timm add_weight_decay as in the official code: no decay for biases and 1-D parameters; mask_token decayed.
-    optimizer = torch.optim.AdamW(engine.param_groups(model.named_parameters(), args.weight_decay),
+    optimizer = torch.optim.AdamW(optim.param_groups(model.named_parameters(), args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.95))
-    ddp_model = engine.wrap_ddp(model, dist)
-    trainer = engine.Trainer(args, ddp_model, optimizer, loader, dist, encoder=model.encoder)
+    ddp_model = distributed.wrap_ddp(model, dist, compile=args.compile)
+    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=model.encoder)
     if dist.is_main:
         print(f"[mixmim] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{model.num_cells} mixing cells of {args.mix_unit}x{args.mix_unit} patches, "
-              f"{trainer.total_steps} steps", flush=True)
+              f"{run.total_steps} steps", flush=True)
     start = time.time()
-    for images, _, _ in trainer:
-        with trainer.autocast():
+    for images, _, _ in run:
+        with run.micro_batch():
             loss, _, _ = ddp_model(images, mask_ratio=args.mask_ratio)
-        trainer.step(loss)
-    trainer.finish()
+        run.step(loss)
+    run.finish()
     train_s = time.time() - start
 
     if dist.is_main:
-        val_set = data.build_dataset(args.data, "val", data.eval_transform(img_size),
-                                     **({"n_per_class": args.n_per_class[1]} if args.n_per_class else {}))
+        val_set = data.build_dataset(args.data, "val", data.eval_transform(img_size), n_per_class=args.n_per_class)
         count = min(8, len(val_set)) // 2 * 2
         if count >= 2:
             imgs = torch.stack([val_set[i][0] for i in range(count)]).to(dist.device)
             path = plot_reconstructions(model, imgs, os.path.join(args.output_dir, "reconstructions.png"),
                                         args.mask_ratio)
             print(f"[mixmim] trained in {train_s:.0f} s; pictures: {path}", flush=True)
-    if args.eval != "none":                                     # every rank extracts its shard of the features
-        from common.eval import evaluate
-        from common.plots import plot_per_block
-        record = evaluate(model.encoder, args.data, img_size, protocols=args.eval, out_dir=args.output_dir,
-                          n_per_class=tuple(args.n_per_class) if args.n_per_class else None,
-                          num_workers=args.num_workers, name=f"mixmim {args.model}",
-                          extra={"step": trainer.global_step, "train_s": round(train_s)})
-        if record and "perblock" in record:                     # rank 0; no t-SNE / attention pictures (slow on CPU)
-            plot_per_block({f"mixmim {args.model}": record["perblock"]},
-                           os.path.join(args.output_dir, "knn_per_block.png"),
-                           baseline=record.get("pixels_knn", {}).get("10"))
-    engine.cleanup()
+    evaluation.end_of_run({f"mixmim {args.model}": model.encoder}, args, dist,
+                          extra={"step": run.global_step, "train_s": round(train_s)})
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,2 +1,3 @@
-"""Code that two or more method scripts use unchanged: the ViT (vit.py), data (data.py), the training engine
-(engine.py), checkpoints (checkpoints.py) and evaluation (eval.py)."""
+"""Infrastructure that two or more method scripts use unchanged: the ViT (vit.py), the command-line dialect
+(config.py), the training loop helper (trainer.py), processes (distributed.py), optimisation (optim.py), checkpoints
+(checkpoints.py), data (data.py), evaluation (features.py, protocols.py, eval.py) and pictures (plots.py)."""

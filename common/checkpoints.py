@@ -3,14 +3,14 @@
     info = load_pretrained(model, "mae_pretrain_vit_huge.pth")     # detects the format, remaps, loads strictly
     vit, info = build_vit_from_checkpoint("runs/mae_ct/checkpoint.pth")   # architecture from the file
 
-Formats detected (SPEC 3.2; key layouts from shared reference notes, sources in brackets):
+Formats detected (sources in brackets):
 - ours: {'model', 'encoder', 'encoder_ema'?, 'vit', 'optimizer', 'step', 'epoch', 'args', ...}; the encoder is
   taken from 'encoder' (or 'encoder_ema' with use_ema=True).
 - official MAE (facebookresearch/mae): {'model': ...}; encoder-only (`mae_pretrain_vit_*.pth`) or with the
   decoder (`*_full.pth`, `mae_visualize_*.pth`). Loading into a model with decoder keys (mae.py) takes them too.
 - MoCo v3 (facebookresearch/moco-v3): {'state_dict': 'module.base_encoder.*'}; momentum encoder, predictor and
   the projection head (`head.*`) are dropped. (Also the converted DeiT form {'model': ...} with `head.*`.)
-- data2vec 2.0 (MIM-Refiner src/initializers/pretrained_initializer.py remaps): `modality_encoders.IMAGE.*`
+- data2vec 2.0 (ml-jku/MIM-Refiner: src/initializers/pretrained_initializer.py remaps): `modality_encoders.IMAGE.*`
   names → patch_embed / cls_token / pos_embed / embed_norm; `decoder*`, `_ema` dropped. Post-norm ViT.
 - released MAE-CT weights (ml-jku/MAE-CT; torchhub-ssl `maect`): a flat state dict whose pos_embed has no
   CLS row (1, L, D); a zero CLS row is added.
@@ -32,6 +32,8 @@ import re
 import tempfile
 
 import torch
+
+from common.vit import PRESETS, create_vit, preset_of, resize_pos_embed
 
 log = logging.getLogger("checkpoints")
 
@@ -211,7 +213,6 @@ def load_pretrained(model, path_or_url, use_ema=False, obj=None):
         if old.shape[-1] != new.shape[-1]:
             raise CheckpointError(f"{path_or_url}: pos_embed has shape {tuple(old.shape)} but the model needs "
                                   f"{tuple(new.shape)}; the width differs, so this is another model size.")
-        from common.vit import resize_pos_embed
         old_side = _square_grid(old.shape[1] - 1, path_or_url)
         resized = resize_pos_embed(old[:, 1:], (old_side, old_side), vit.grid_size)
         sd[pos_key] = torch.cat([old[:, :1], resized], dim=1)
@@ -240,15 +241,17 @@ def infer_vit_config(sd, fmt=""):
     if heads is None:
         raise CheckpointError(f"cannot tell the number of heads of a {embed_dim}-wide ViT from its weights; "
                               "build it with create_vit(..., num_heads=N) and call load_pretrained.")
-    return dict(name="vit_b", embed_dim=embed_dim, depth=depth, num_heads=heads, patch_size=patch,
-                img_size=side * patch, post_norm="embed_norm.weight" in sd)
+    return dict(name=preset_of(embed_dim, depth, heads, patch), embed_dim=embed_dim, depth=depth, num_heads=heads,
+                patch_size=patch, img_size=side * patch, post_norm="embed_norm.weight" in sd)
 
 
 def build_vit_from_checkpoint(path_or_url, use_ema=False, **overrides):
-    """Create the right ViT for a checkpoint and load it. Returns (vit, info)."""
-    from common.vit import create_vit
+    """Create the right ViT for a checkpoint (its architecture read from the file) and load it. Returns (vit, info);
+    info also holds 'vit' (the create_vit arguments) and, for our own checkpoints, 'model_state' (the method
+    module's state dict) and 'args' (the run's flags), which the two-stage scripts use to continue from a stage."""
     obj = read_file(path_or_url)
-    if isinstance(obj, dict) and "vit" in obj and "encoder" in obj:
+    ours = isinstance(obj, dict) and "vit" in obj and "encoder" in obj
+    if ours:
         config = dict(obj["vit"])
     else:
         fmt, sd, _ = to_timm_layout(obj, path_or_url, use_ema)
@@ -256,5 +259,39 @@ def build_vit_from_checkpoint(path_or_url, use_ema=False, **overrides):
     config.update(overrides)
     vit = create_vit(**config)
     info = load_pretrained(vit, path_or_url, use_ema=use_ema, obj=obj)
-    info["vit"] = config
+    info.update(vit=config, model_state=obj.get("model") if ours else None, args=obj.get("args", {}) if ours else {})
+    return vit, info
+
+
+LOCAL_MAE = os.path.join("runs", "mae", "checkpoint-last.pth")
+CPU_PRESETS = ("vit_mini", "vit_micro")
+
+
+def default_start(preset):
+    """The starting weights when --ckpt is not given: the `python mae.py` run for the CPU presets (the built-in
+    data); for the paper presets, --ckpt must name the pre-trained encoder."""
+    if preset in CPU_PRESETS:
+        if os.path.isfile(LOCAL_MAE):
+            return LOCAL_MAE
+        raise SystemExit(f"no --ckpt given and {LOCAL_MAE} does not exist; run `python mae.py` first, pass --ckpt "
+                         "PATH to a pre-trained encoder, or --ckpt none for a random-init smoke test.")
+    raise SystemExit(f"no --ckpt given for --model {preset}; pass --ckpt PATH or URL of the pre-trained encoder "
+                     "(e.g. facebookresearch/mae's mae_pretrain_vit_large.pth), or --ckpt none for a smoke test.")
+
+
+def start_from(path_or_url, model=None, use_ema=False, what="--ckpt", preset=None, **overrides):
+    """The one way a script loads its starting weights: into `model` (a ViT or a module holding one, loaded
+    strictly with load_pretrained), or, with model=None, into a ViT built from the file (build_vit_from_checkpoint,
+    `overrides` e.g. img_size; `preset`: the ViT preset the run's recipe is for, whose width and depth the file must
+    have). A bad file ends the run with one sentence naming it. Returns (vit or model, info)."""
+    try:
+        if model is not None:
+            return model, load_pretrained(model, path_or_url, use_ema=use_ema)
+        vit, info = build_vit_from_checkpoint(path_or_url, use_ema=use_ema, **overrides)
+    except CheckpointError as error:
+        raise SystemExit(f"{what}: {error}") from None
+    if preset in PRESETS and (vit.embed_dim, vit.depth) != PRESETS[preset][:2]:
+        width, depth = PRESETS[preset][:2]
+        raise SystemExit(f"{what} {path_or_url} holds a ViT of width {vit.embed_dim} and depth {vit.depth}, but "
+                         f"--model {preset} is {width} wide and {depth} deep; pass the matching --model.")
     return vit, info

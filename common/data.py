@@ -1,22 +1,22 @@
 """Data for every method: the built-in shapes dataset, image folders, CIFAR-10/STL-10, transforms, loaders.
 
     from common import data
-    train_set = data.build_dataset(args.data, "train", data.mae_transform(32), seed=args.seed)
+    train_set = data.build_dataset(args.data, "train", method_transform, seed=args.seed)
     loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
                                seed=args.seed)
     for images, labels, indices in loader: ...        # label -1 = unlabelled; index = the sample's id
 
 Public API
-- `ShapesDataset(split, size=32, n_per_class=None, seed=0)`: the built-in labelled dataset (SPEC 3.3), 10 shape
-  classes drawn in memory in a few seconds; items are `(PIL image, label)`.
+- `ShapesDataset(split, size=32, n_per_class=None, seed=0)`: the built-in labelled dataset, 10 shape classes drawn
+  in memory in a few seconds; items are `(PIL image, label)`.
 - `builtin_fingerprint(n_per_class=None)`: a short hash of the built-in images (feature caches key on it).
 - `build_dataset(data, split, transform=None, seed=0)` -> `IndexedDataset` whose items are
   `(image_or_views, label, index)`. `data`: None/'builtin' | 'cifar10' | 'stl10' | a folder (`PATH/train/<class>/*`
   and `PATH/val/<class>/*`, or `PATH/{train,val}/*.jpg` / `PATH/*.jpg` unlabelled, label -1).
-- Transforms (torchvision.transforms.v2, all end in a normalised float tensor):
-  `mae_transform(size, scale=(0.2, 1))`, `maect_transform(size, scale=(0.08, 1))`, `byol_views(size)`,
-  `multicrop(global_size, local_size, n_local)`, `eval_transform(size)`; `MultiView(transforms)` / `TwoViews(t)`
-  return a list of views.
+- Transforms (torchvision.transforms.v2): `eval_transform(size)` (resize + centre crop), `to_normalized_tensor()`
+  (the ops that end every transform), `MultiView(transforms)` (a list of views of one image). The training views
+  of each method are in its own file.
+- `Subset(dataset, indices)`: some samples, keeping the dataset's classes / labelled attributes.
 - `build_loader(dataset, batch_size, dist, train=True, num_workers=0, seed=0)`: DataLoader with a
   `ResumableSampler` (a DistributedSampler that can skip the first batches of an epoch);
   `set_epoch(loader, epoch, skip_batches=0)` before each epoch.
@@ -31,15 +31,17 @@ Unreadable or corrupt files are replaced by the next readable sample and counted
 by the loader's worker processes); a warning names each file. Grayscale, palette, CMYK and alpha images are
 converted to RGB.
 """
+import hashlib
 import logging
-import math
 import multiprocessing
 import os
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
 
 log = logging.getLogger("data")
 
@@ -213,7 +215,6 @@ class ShapesDataset(Dataset):
 def builtin_fingerprint(n_per_class=None, seed=0):
     """A short hash of the built-in train and val images, so that caches keyed on it (common.eval's feature
     cache) notice when the generator changes. n_per_class: (train, val) or None for the defaults."""
-    import hashlib
     digest = hashlib.sha1()
     for split, count in zip(("train", "val"), n_per_class or (None, None)):
         digest.update(np.ascontiguousarray(ShapesDataset(split, n_per_class=count, seed=seed).images).data)
@@ -295,6 +296,21 @@ class ImageFolderDataset(Dataset):
                          "check the files and the disk.")
 
 
+class SyntheticDataset(Dataset):
+    """Random-noise RGB images with random labels, for timing training steps without a dataset (--data synthetic):
+    `size` px (256 for 224 px models, so crops behave as on ImageNet), deterministic per index."""
+
+    def __init__(self, size=256, length=100_000, num_classes=1000):
+        self.size, self.length, self.classes, self.labelled = size, length, [str(i) for i in range(num_classes)], True
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng(index)
+        return Image.fromarray(rng.integers(0, 256, (self.size, self.size, 3), dtype=np.uint8)), index % len(self.classes)
+
+
 class _TorchvisionDataset(Dataset):
     """A torchvision dataset (CIFAR-10, STL-10) as (PIL RGB image, label); STL-10's unlabelled images get -1."""
 
@@ -312,7 +328,6 @@ class _TorchvisionDataset(Dataset):
 
 
 def _torchvision_dataset(name, split):
-    import torchvision
     try:
         if name == "cifar10":
             base = torchvision.datasets.CIFAR10(os.path.join(DATA_ROOT, "cifar10"), train=(split == "train"),
@@ -368,20 +383,40 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
-def build_dataset(data, split, transform=None, seed=0, **builtin_kwargs):
+class Subset(Dataset):
+    """Some samples of an IndexedDataset (e.g. every 10th train image for evaluation), keeping its attributes."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+        self.classes, self.labelled = getattr(dataset, "classes", []), getattr(dataset, "labelled", True)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+def build_dataset(data, split, transform=None, seed=0, n_per_class=None):
     """data: None or 'builtin' | 'cifar10' | 'stl10' | a folder path; split: 'train' or 'val'.
 
     A folder is read as `data/<split>/<class>/*` (ImageNet layout) or `data/<split>/*` (unlabelled); a folder
-    with images directly inside (`data/*.jpg`) is an unlabelled set used for both splits. Returns an
-    IndexedDataset whose items are (transform(image), label or -1, index). `builtin_kwargs` go to ShapesDataset
-    (size, n_per_class). Bad paths raise SystemExit with one sentence that says what to do.
+    with images directly inside (`data/*.jpg`) is an unlabelled set used for both splits. 'synthetic': random
+    images (SyntheticDataset), to time training steps. Returns an
+    IndexedDataset whose items are (transform(image), label or -1, index). n_per_class (built-in data only):
+    images per class, or a (train, val) pair (the scripts' --n_per_class). Bad paths raise SystemExit with one
+    sentence that says what to do.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split {split!r} is not 'train' or 'val'.")
     if data is None or data == "builtin":
-        base = ShapesDataset(split, seed=0, **builtin_kwargs)   # the data itself never depends on the run's seed
+        if isinstance(n_per_class, (list, tuple)):
+            n_per_class = n_per_class[0 if split == "train" else 1]
+        base = ShapesDataset(split, n_per_class=n_per_class, seed=0)   # the data never depends on the run's seed
     elif data in ("cifar10", "stl10"):
         base = _torchvision_dataset(data, split)
+    elif data == "synthetic":
+        base = SyntheticDataset()
     else:
         root = os.path.expanduser(str(data))
         if not os.path.isdir(root):
@@ -403,57 +438,13 @@ def build_dataset(data, split, transform=None, seed=0, **builtin_kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Transforms (torchvision.transforms.v2). Geometric and colour ops run on the PIL image, then the tensor is
-# normalised with the ImageNet mean/std, as the official code does.
+# Transforms (torchvision.transforms.v2). Each method builds its own training views in its file from torchvision's
+# ops and `to_normalized_tensor()`; geometric and colour ops run on the PIL image, then the tensor is normalised
+# with the ImageNet mean/std, as the official codes do.
 # ----------------------------------------------------------------------------------------------------------
-def _to_normalized_tensor():
-    from torchvision.transforms import v2
+def to_normalized_tensor():
+    """The ops that end every transform: PIL image -> float tensor in [0, 1] -> ImageNet-normalised."""
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-
-
-def mae_transform(size, scale=(0.2, 1.0)):
-    """MAE / MixMIM pre-training: RandomResizedCrop(size, scale, bicubic) + horizontal flip + normalise
-    (facebookresearch/mae: main_pretrain.py; Sense-X/MixMIM the same). Returns a (3, size, size) tensor."""
-    from torchvision.transforms import v2
-    return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
-                       v2.RandomHorizontalFlip()] + _to_normalized_tensor())
-
-
-def maect_transform(size, scale=(0.08, 1.0)):
-    """MAE-CT (no colour jitter): RandomResizedCrop(size, (0.08, 1), bicubic) + flip + normalise
-    (ml-jku/MAE-CT stage 2/3 yamls, reference notes 1.6). Wrap in TwoViews for the two views."""
-    return mae_transform(size, scale)
-
-
-def _blur(reference_size, kernel_sigma=(0.1, 2.0)):
-    """BYOL's Gaussian blur with sigma ~ U(0.1, 2) px at 224 px images, scaled by reference_size / 224.
-
-    Scaling keeps the blur's strength relative to the image: on the built-in 32 px images sigma is
-    U(0.014, 0.29) px, on ImageNet crops (reference 224) exactly BYOL's U(0.1, 2). The kernel covers +-3 sigma
-    (odd, >= 3 px). Local crops use the global views' reference, as MIM-Refiner blurs its 96 px crops with
-    the same absolute sigma.
-    """
-    from torchvision.transforms import v2
-    factor = reference_size / 224
-    sigma = (kernel_sigma[0] * factor, kernel_sigma[1] * factor)
-    kernel = max(3, 2 * math.ceil(3 * sigma[1]) + 1)
-    return v2.GaussianBlur(kernel, sigma=sigma)
-
-
-def byol_view(size, scale, blur_p, solarize_p, reference_size=None):
-    """One BYOL-recipe view: RRC(size, scale, bicubic), flip, ColorJitter(0.4, 0.4, 0.2, 0.1) p=0.8,
-    grayscale p=0.2, blur p=blur_p, solarize(128) p=solarize_p, normalise (BYOL; ml-jku/MAE-CT and
-    ml-jku/MIM-Refiner via KappaData, reference notes 1.6 / 2.5)."""
-    from torchvision.transforms import v2
-    ops = [v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
-           v2.RandomHorizontalFlip(),
-           v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-           v2.RandomGrayscale(p=0.2)]
-    if blur_p > 0:
-        ops.append(v2.RandomApply([_blur(reference_size or size)], p=blur_p))
-    if solarize_p > 0:
-        ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-    return v2.Compose(ops + _to_normalized_tensor())
 
 
 class MultiView:
@@ -469,36 +460,16 @@ class MultiView:
         return f"MultiView({self.transforms!r})"
 
 
-def TwoViews(transform):
-    """Two independent draws of the same transform (MAE-CT's `multi_crop_wrapper` with 2 views)."""
-    return MultiView([transform, transform])
-
-
-def byol_views(size, scale=(0.08, 1.0)):
-    """MAE-CT_aug's two views: view 1 blur p=1.0; view 2 blur p=0.1 + solarize p=0.2 (reference notes 1.6)."""
-    return MultiView([byol_view(size, scale, 1.0, 0.0), byol_view(size, scale, 0.1, 0.2)])
-
-
-def multicrop(global_size, local_size, n_local, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25)):
-    """MIM-Refiner's views (reference notes 2.5): 2 global BYOL views (blur 1.0 / blur 0.1 + solarize 0.2) at
-    global_size, scale (0.25, 1), then n_local local views at local_size, scale (0.05, 0.25), blur p=0.5, no
-    solarize. Returns [global1, global2, local1, ..., localN] tensors."""
-    local = byol_view(local_size, local_scale, 0.5, 0.0, reference_size=global_size)
-    return MultiView([byol_view(global_size, global_scale, 1.0, 0.0), byol_view(global_size, global_scale, 0.1, 0.2)]
-                     + [local] * n_local)
-
-
 def eval_transform(size, crop_ratio=None):
     """Evaluation: resize the short side to size / crop_ratio (bicubic), centre crop size, normalise.
 
     crop_ratio defaults to 224/256 (resize 256 + centre crop 224, the papers' protocol) for size > 64, and to
     1.0 for small images (built-in data, CIFAR-10: only resized), where a 12 % crop would cut into the object.
     """
-    from torchvision.transforms import v2
     if crop_ratio is None:
         crop_ratio = 224 / 256 if size > 64 else 1.0
     return v2.Compose([v2.Resize(int(round(size / crop_ratio)), interpolation=v2.InterpolationMode.BICUBIC),
-                       v2.CenterCrop(size)] + _to_normalized_tensor())
+                       v2.CenterCrop(size)] + to_normalized_tensor())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -527,7 +498,7 @@ class ResumableSampler(DistributedSampler):
 def build_loader(dataset, batch_size, dist=None, train=True, num_workers=0, seed=0):
     """A DataLoader over `dataset` for this rank: shuffled with drop_last when train, in order otherwise.
 
-    dist: the engine's Dist (rank, world_size, device) or None for one process. Workers are not persistent, so
+    dist: common.distributed.Dist (rank, world_size, device) or None for one process. Workers are not persistent, so
     `set_epoch` reaches them; the loader has its own generator so it never draws from torch's global one.
     """
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)

@@ -19,7 +19,7 @@ from common.data import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib                                 # optional heavy import: only when drawing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -55,7 +55,7 @@ def plot_per_block(curves, path, baseline=None, title="k-NN accuracy of each blo
                     ha="center", fontsize=8)
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label=f"raw pixels ({baseline:.1f})")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator        # matplotlib is imported only when drawing
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block")
@@ -63,6 +63,22 @@ def plot_per_block(curves, path, baseline=None, title="k-NN accuracy of each blo
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_curves(records, keys, path, xlabel="optimizer step", ylabel="loss"):
+    """records: dicts with a 'step' and numeric values (log.jsonl lines) -> PNG with one line per key."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), label=key)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
     return _save(fig, path)
 
 
@@ -77,7 +93,7 @@ def embed_2d(features, method="tsne", max_points=2000, seed=0):
         _, _, v = torch.linalg.svd(x, full_matrices=False)
         return indices.numpy(), (x @ v[:2].T).numpy()
     if method == "tsne":
-        from sklearn.manifold import TSNE
+        from sklearn.manifold import TSNE            # optional heavy import: only for t-SNE
 
         perplexity = min(30.0, max(2.0, (len(x) - 1) / 3))
         coords = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x.numpy())

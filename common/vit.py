@@ -17,9 +17,12 @@ Triton kernel with them (MixMIM). The model offers what the five methods need:
     embed(imgs)                  -> (B, L, D)   patch tokens + position (MAE masks these)
     add_cls(x)                   -> (B, 1+L, D)
     run_blocks(x, groups, return_blocks) -> blocks on any token subset, raw outputs of chosen blocks
+                                   (with activation checkpointing after set_grad_checkpointing())
     forward_features(imgs)       -> (B, 1+L, D) after the final norm
     forward_intermediates(imgs, blocks)  -> final features + raw block outputs (MIM-Refiner heads, per-block k-NN)
     attention_maps(imgs, block)  -> (B, heads, 1+L, 1+L) softmax weights (pictures)
+    freeze(n)                    -> train only blocks n.. and the final norm (n > 0 freezes the stem too)
+    encoder_state_dict()         -> the timm-named weights of the ViT alone (a subclass may hold more)
 
 `post_norm=True` builds the data2vec 2.0 layout (LayerNorm `embed_norm` on the embedded sequence, post-norm
 blocks `x = norm1(x + attn(x)); x = norm2(x + mlp(x))`, no final norm), as MIM-Refiner's
@@ -29,10 +32,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-# name: (embed_dim, depth, num_heads, patch_size, img_size). SPEC 3.1 / timm names in comments.
+# name: (embed_dim, depth, num_heads, patch_size, img_size); timm names in comments.
 PRESETS = {
     "vit_micro": (64, 4, 2, 4, 32),      # tests: ~0.2M params, 32 px images, 8x8 grid
     "vit_mini": (192, 6, 3, 4, 32),      # the built-in data on a 2-core CPU: ~2.7M params
@@ -147,6 +151,8 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed", "embed_norm", "blocks", "norm")   # state-dict roots
+
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  norm_eps=1e-6, post_norm=False, in_chans=3):
         super().__init__()
@@ -166,6 +172,7 @@ class VisionTransformer(nn.Module):
         self.embed_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if post_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_eps, post_norm) for _ in range(depth))
         self.norm = nn.Identity() if post_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.grad_checkpointing = False
         self.init_weights()
 
     def init_weights(self):
@@ -199,17 +206,44 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     # ---- blocks ------------------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block's activations in the backward pass instead of storing them (timm's name)."""
+        self.grad_checkpointing = enable
+
     def run_blocks(self, x, groups=None, return_blocks=()):
         """Run every block on x (B, N, D), any token subset; returns (x before the final norm,
-        {block index: raw output of that block}). groups (B, N) int restricts attention to same-id tokens."""
+        {block index: raw output of that block}). groups (B, N) int restricts attention to same-id tokens.
+        With grad_checkpointing, a block that builds a graph keeps only its input and recomputes the rest."""
         wanted = {i % self.depth for i in return_blocks}
         outputs = {}
         x = self.embed_norm(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, groups)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, groups, use_reentrant=False)
+            else:
+                x = block(x, groups)
             if i in wanted:
                 outputs[i] = x
         return x, outputs
+
+    def freeze(self, num_blocks):
+        """Train blocks[num_blocks:] and the final norm; freeze blocks[:num_blocks] and, when num_blocks > 0, the
+        stem (patch embedding, CLS token, embed norm) with them (ml-jku/MAE-CT: freezers/vit_block_freezer.py).
+        The fixed position table is never trained. Frozen blocks build no autograd graph when their input needs
+        none, so they cost no activation memory."""
+        if not 0 <= num_blocks <= self.depth:
+            raise ValueError(f"cannot freeze {num_blocks} blocks of a ViT with {self.depth}; use 0 to {self.depth}.")
+        self.requires_grad_(True)
+        self.pos_embed.requires_grad_(False)
+        if num_blocks > 0:
+            for module in [self.patch_embed, self.embed_norm, *self.blocks[:num_blocks]]:
+                module.requires_grad_(False)
+            self.cls_token.requires_grad_(False)
+
+    def encoder_state_dict(self):
+        """The timm-named weights of the ViT alone (our checkpoints' 'encoder' entry), also for a subclass that
+        holds more (MAE keeps its decoder next to the encoder, under the official names)."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in self.ENCODER_KEYS}
 
     def forward_features(self, imgs):
         """imgs (B, 3, H, W) -> tokens after the final norm (B, 1+L, D); CLS first."""
@@ -234,22 +268,35 @@ class VisionTransformer(nn.Module):
             x = blk(x)
 
 
+def preset_of(embed_dim, depth, num_heads, patch_size):
+    """The name of the preset with these dimensions, or None."""
+    for name, (d, n, h, p, _) in PRESETS.items():
+        if (d, n, h, p) == (embed_dim, depth, num_heads, patch_size):
+            return name
+    return None
+
+
 def create_vit(name="vit_b", **overrides):
-    """Build a preset ViT (see PRESETS); any constructor argument can be overridden."""
-    if name not in PRESETS:
+    """Build a preset ViT (see PRESETS); any constructor argument can be overridden. name=None builds from the
+    arguments alone (embed_dim, depth, num_heads, patch_size, img_size, ...)."""
+    if name is not None and name not in PRESETS:
         raise ValueError(f"unknown ViT preset {name!r}; choose one of {', '.join(PRESETS)}.")
-    embed_dim, depth, num_heads, patch_size, img_size = PRESETS[name]
-    kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size, img_size=img_size)
+    kwargs = {}
+    if name is not None:
+        embed_dim, depth, num_heads, patch_size, img_size = PRESETS[name]
+        kwargs = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size, img_size=img_size)
     kwargs.update(overrides)
     vit = VisionTransformer(**kwargs)
-    vit.preset = name
+    vit.preset = name or preset_of(vit.embed_dim, vit.depth, vit.num_heads, vit.patch_size)
     return vit
 
 
 def vit_config(vit):
-    """The create_vit arguments that rebuild this architecture (stored as ckpt['vit']): create_vit(**config)."""
-    return dict(name=getattr(vit, "preset", "vit_b"), embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads, patch_size=vit.patch_size,
-                img_size=list(vit.img_size), post_norm=vit.post_norm)
+    """The create_vit arguments that rebuild this architecture (stored as ckpt['vit']): create_vit(**config).
+    name is the matching preset, or None for other dimensions."""
+    return dict(name=preset_of(vit.embed_dim, vit.depth, vit.num_heads, vit.patch_size), embed_dim=vit.embed_dim,
+                depth=vit.depth, num_heads=vit.num_heads, patch_size=vit.patch_size, img_size=list(vit.img_size),
+                post_norm=vit.post_norm)
 
 
 def count_params(module):

@@ -2,8 +2,10 @@
 
     python -m kernels.bench nn      # fused NN queue lookup vs matmul + argmax / topk   (kernels/bench_nn.py)
     python -m kernels.bench attn    # group-masked attention vs SDPA / FlexAttention     (kernels/bench_attn.py)
-    python -m kernels.bench steps   # whole training steps of every method, kernels on vs --kernels torch
     python -m kernels.bench all
+
+Whole training steps are measured by each script itself: `python mae.py --model vit_b --data synthetic
+--benchmark 20` (and the same with `--kernels torch` to compare), see common/trainer.py.
 
 Every row prints: shape, baseline ms, kernel ms, speedup, TFLOP/s, % of roofline, peak extra memory.
 Timings are medians of `triton.testing.do_bench` (CUDA) after warm-up; on CPU the benchmark still runs
@@ -17,6 +19,11 @@ import sys
 import time
 
 import torch
+
+try:                                     # optional: without triton the benchmarks time the torch references
+    import triton
+except ImportError:  # pragma: no cover
+    triton = None
 
 # Dense bf16 tensor-core peak (TFLOP/s, datasheet) used for "% of roofline"; override with --peak_tflops.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -37,7 +44,7 @@ def device_peak_tflops(override=None):
 def time_ms(fn, warmup=10, rep=50):
     """Median wall time of fn() in milliseconds (CUDA: triton.testing.do_bench; CPU: perf_counter)."""
     if torch.cuda.is_available():
-        from triton.testing import do_bench
+        from triton.testing import do_bench        # lazily: only for CUDA timings
         return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
     for _ in range(2):
         fn()
@@ -62,9 +69,8 @@ def peak_extra_mib(fn):
 
 
 def environment_line():
-    import triton
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (interpreter; timings meaningless)"
-    return (f"device: {device} | torch {torch.__version__} | triton {triton.__version__} | "
+    return (f"device: {device} | torch {torch.__version__} | triton {triton.__version__ if triton else 'not installed'} | "
             f"python {platform.python_version()} | {time.strftime('%Y-%m-%d')}")
 
 
@@ -81,7 +87,7 @@ def print_table(rows, columns):
     sys.stdout.flush()
 
 
-SUITES = {"nn": "kernels.bench_nn", "attn": "kernels.bench_attn", "steps": "kernels.bench_steps"}
+SUITES = {"nn": "kernels.bench_nn", "attn": "kernels.bench_attn"}
 
 
 def get_args(argv=None):

@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from common import eval as ev
-from common.vit import create_vit
+from common import eval as ev, features, protocols
+from common.checkpoints import save_checkpoint
+from common.vit import create_vit, vit_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHANCE = 10.0                                   # 10 classes everywhere below
@@ -60,7 +61,7 @@ def test_knn_matches_brute_force_loop(standardize):
     test_x = test_x * torch.linspace(0.1, 5, 16) + torch.linspace(-2, 2, 16)
     ks = (1, 3, 10, 20)
     # max_elements forces chunks of 3 test rows, with a partial last chunk.
-    ours = ev.knn_accuracy(train_x, train_y, test_x, test_y, ks=ks, temperature=0.07, standardize=standardize,
+    ours = protocols.knn_accuracy(train_x, train_y, test_x, test_y, ks=ks, temperature=0.07, standardize=standardize,
                            max_elements=900)
     for k in ks:
         assert ours[k] == pytest.approx(brute_force_knn(train_x, train_y, test_x, test_y, k, 0.07, standardize))
@@ -69,28 +70,28 @@ def test_knn_matches_brute_force_loop(standardize):
 def test_knn_known_answers():
     train_x, train_y = gaussian_clusters(1000, seed=1)
     test_x, test_y = gaussian_clusters(500, seed=2)
-    assert min(ev.knn_accuracy(train_x, train_y, test_x, test_y).values()) >= 99.0
+    assert min(protocols.knn_accuracy(train_x, train_y, test_x, test_y).values()) >= 99.0
     train_x, train_y = random_task(2000, seed=3)
     test_x, test_y = random_task(1000, seed=4)
-    for acc in ev.knn_accuracy(train_x, train_y, test_x, test_y).values():
+    for acc in protocols.knn_accuracy(train_x, train_y, test_x, test_y).values():
         assert abs(acc - CHANCE) < 4.0, acc            # binomial std at n=1000 is ~1 point
 
 
 def test_knn_refuses_unlabelled_data():
     x = torch.randn(10, 4)
     with pytest.raises(ValueError, match="unlabelled"):
-        ev.knn_accuracy(x, torch.full((10,), -1), x, torch.zeros(10, dtype=torch.long))
+        protocols.knn_accuracy(x, torch.full((10,), -1), x, torch.zeros(10, dtype=torch.long))
 
 
 # ---- linear probe ----------------------------------------------------------------------------------------
 def test_linear_probe_known_answers():
     train_x, train_y = gaussian_clusters(1000, seed=1)
     test_x, test_y = gaussian_clusters(500, seed=2)
-    result = ev.linear_probe(train_x, train_y, test_x, test_y, epochs=20, batch_size=256)
+    result = protocols.linear_probe(train_x, train_y, test_x, test_y, epochs=20, batch_size=256)
     assert result["best"] >= 99.0 and result["grid"][result["best_lr"]] == result["best"]
     train_x, train_y = random_task(1000, seed=3)
     test_x, test_y = random_task(1000, seed=4)
-    result = ev.linear_probe(train_x, train_y, test_x, test_y, epochs=20, batch_size=256)
+    result = protocols.linear_probe(train_x, train_y, test_x, test_y, epochs=20, batch_size=256)
     # The best of 13 probes on a 1000-sample test set: chance + a few binomial std at most.
     assert abs(result["best"] - CHANCE) < 6.0, result
 
@@ -100,7 +101,7 @@ def test_linear_probe_equals_torch_sgd_reference():
     train_x, train_y = random_task(64, dim=8, classes=3, seed=5)
     test_x, test_y = random_task(200, dim=8, classes=3, seed=6)
     base_lrs, epochs, momentum = (0.05, 0.5), 12, 0.9
-    ours = ev.linear_probe(train_x, train_y, test_x, test_y, base_lrs=base_lrs, epochs=epochs, batch_size=1024,
+    ours = protocols.linear_probe(train_x, train_y, test_x, test_y, base_lrs=base_lrs, epochs=epochs, batch_size=1024,
                            momentum=momentum, seed=7)
     init = torch.empty(len(base_lrs), 8, 3)
     nn.init.trunc_normal_(init, std=0.01, generator=torch.Generator().manual_seed(7))
@@ -113,7 +114,7 @@ def test_linear_probe_equals_torch_sgd_reference():
         lr = base_lr * 64 / 256
         optimizer = torch.optim.SGD(probe.parameters(), lr=lr, momentum=momentum)
         for step in range(epochs):
-            factor = (step + 1) / warmup if step < warmup else \
+            factor = step / warmup if step < warmup else \
                 0.5 * (1 + math.cos(math.pi * (step - warmup) / (epochs - warmup)))
             for group in optimizer.param_groups:
                 group["lr"] = lr * factor
@@ -129,31 +130,31 @@ def test_linear_probe_equals_torch_sgd_reference():
 def test_lowshot_split_is_deterministic_balanced_and_nested():
     labels = np.random.default_rng(0).integers(0, 7, size=300)
     for shots in (1, 2, 5):
-        idx = ev.lowshot_split(labels, shots, split=0)
-        assert np.array_equal(idx, ev.lowshot_split(labels, shots, split=0))
+        idx = protocols.lowshot_split(labels, shots, split=0)
+        assert np.array_equal(idx, protocols.lowshot_split(labels, shots, split=0))
         assert np.bincount(labels[idx], minlength=7).tolist() == [shots] * 7
         assert len(set(idx.tolist())) == len(idx)
-    assert not np.array_equal(ev.lowshot_split(labels, 5, split=0), ev.lowshot_split(labels, 5, split=1))
-    one, five = ev.lowshot_split(labels, 1, split=2), ev.lowshot_split(labels, 5, split=2)
+    assert not np.array_equal(protocols.lowshot_split(labels, 5, split=0), protocols.lowshot_split(labels, 5, split=1))
+    one, five = protocols.lowshot_split(labels, 1, split=2), protocols.lowshot_split(labels, 5, split=2)
     assert set(one.tolist()) <= set(five.tolist())
     with pytest.raises(ValueError, match="fewer than 500 shots"):
-        ev.lowshot_split(labels, 500, split=0)
+        protocols.lowshot_split(labels, 500, split=0)
 
 
 def test_lowshot_preprocess_centres_and_normalises_each_sample():
     x = np.random.default_rng(1).normal(3.0, 2.0, size=(5, 9))
-    out = ev.lowshot_preprocess(x)
+    out = protocols.lowshot_preprocess(x)
     assert np.allclose(out.mean(axis=1), 0) and np.allclose(np.linalg.norm(out, axis=1), 1)
 
 
 def test_lowshot_known_answers():
     train_x, train_y = gaussian_clusters(500, seed=1)
     test_x, test_y = gaussian_clusters(300, seed=2)
-    result = ev.lowshot(train_x, train_y, test_x, test_y, shots=(1, 2))
+    result = protocols.lowshot(train_x, train_y, test_x, test_y, shots=(1, 2))
     assert result[1]["mean"] >= 99.0 and result[2]["mean"] >= 99.0 and len(result[1]["accs"]) == 3
     train_x, train_y = random_task(500, seed=3)
     test_x, test_y = random_task(1000, seed=4)
-    result = ev.lowshot(train_x, train_y, test_x, test_y, shots=(5,))
+    result = protocols.lowshot(train_x, train_y, test_x, test_y, shots=(5,))
     assert abs(result[5]["mean"] - CHANCE) < 4.0, result
 
 
@@ -162,15 +163,15 @@ def test_clustering_accuracy_equals_best_permutation():
     rng = np.random.default_rng(2)
     labels, clusters = rng.integers(0, 4, 60), rng.integers(0, 4, 60)
     best = max(np.mean(np.array(perm)[clusters] == labels) for perm in itertools.permutations(range(4)))
-    assert ev.clustering_accuracy(labels, clusters) == pytest.approx(100 * best)
+    assert protocols.clustering_accuracy(labels, clusters) == pytest.approx(100 * best)
 
 
 def test_cluster_known_answers():
     x, y = gaussian_clusters(600, seed=1)
-    result = ev.cluster(x, y)
+    result = protocols.cluster(x, y)
     assert result["acc"] >= 99.0 and result["nmi"] >= 98.0 and result["ari"] >= 98.0
     x, y = random_task(1000, seed=3)
-    result = ev.cluster(x, y)
+    result = protocols.cluster(x, y)
     assert result["acc"] < 20.0 and result["nmi"] < 5.0 and abs(result["ari"]) < 3.0, result
 
 
@@ -226,27 +227,43 @@ def test_extract_features_token_choices():
         (dict(tokens="cls", blocks=[-1, 1]), torch.cat([raw[-1][:, 0], raw[1][:, 0]], 1)),
     ]
     for kwargs, expected in cases:
-        features, got_labels = ev.extract_features(Wrapper(vit), loader, **kwargs)
-        assert torch.equal(got_labels, labels)
-        assert features.shape == expected.shape and torch.allclose(features, expected, atol=1e-5), kwargs
+        out = features.extract_features(Wrapper(vit), loader, **kwargs)
+        assert torch.equal(out["labels"], labels)
+        assert out["features"].shape == expected.shape and torch.allclose(out["features"], expected, atol=1e-5), kwargs
     vit.train()
-    ev.extract_features(vit, loader)
+    features.extract_features(vit, loader)
     assert vit.training, "extract_features must restore the training mode"
     with pytest.raises(ValueError, match="token choice 'max'"):
-        ev.extract_features(vit, loader, tokens="max")
+        features.extract_features(vit, loader, tokens="max")
+
+
+@torch.no_grad()
+def test_one_pass_gives_the_final_features_and_every_blocks_raw_cls():
+    vit, images, labels = tiny_vit_and_images()
+    calls = []
+    vit.patch_embed.register_forward_hook(lambda *args: calls.append(1))
+    out = features.extract_features(vit, DataLoader(IndexedImages(images, labels), batch_size=13), tokens="mean",
+                                    block_cls=True)
+    assert len(calls) == 1                                  # one forward pass for everything
+    raw = manual_block_outputs(vit.eval(), images)
+    assert torch.allclose(out["features"], vit.forward_features(images)[:, 1:].mean(1), atol=1e-5)
+    assert sorted(out["block_cls"]) == list(range(vit.depth))
+    for block in range(vit.depth):
+        assert torch.allclose(out["block_cls"][block], raw[block][:, 0], atol=1e-5), block
 
 
 def test_per_block_knn_uses_each_blocks_raw_cls():
     vit, images, labels = tiny_vit_and_images(n=40, seed=1)
-    train = DataLoader(TensorDataset(images[:30], labels[:30]), batch_size=16)
-    test = DataLoader(TensorDataset(images[30:], labels[30:]), batch_size=16)
-    accs = ev.per_block_knn(vit, train, test, k=5)
+    loaders = [DataLoader(TensorDataset(images[:30], labels[:30]), batch_size=16),
+               DataLoader(TensorDataset(images[30:], labels[30:]), batch_size=16)]
+    spec = ev.Spec(protocols=("perblock",))
+    accs = ev.run_protocols(ev.extract_splits(vit, loaders, spec), spec, log=lambda *a: None)["perblock"]
     with torch.no_grad():
         raw = manual_block_outputs(vit.eval(), images)
     assert len(accs) == vit.depth
     for block, acc in enumerate(accs):
         cls = raw[block][:, 0]
-        expected = brute_force_knn(cls[:30], labels[:30], cls[30:], labels[30:], 5, 0.07, False)
+        expected = brute_force_knn(cls[:30], labels[:30], cls[30:], labels[30:], 10, 0.07, False)
         assert acc == pytest.approx(expected), block
 
 
@@ -254,11 +271,13 @@ def _gather_worker(rank, world, init_file, result_file):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     vit, images, labels = tiny_vit_and_images(n=11)
-    loader = ev.eval_loader(IndexedImages(images, labels), batch_size=3, num_workers=0)
-    assert isinstance(loader.sampler, ev.ShardSampler)
-    features, got_labels = ev.extract_features(vit, loader)
+    loader = features.eval_loader(IndexedImages(images, labels), batch_size=3, num_workers=0)
+    assert isinstance(loader.sampler, features.ShardSampler)
+    out = features.extract_features(vit, loader, block_cls=True)
     if rank == 0:
-        torch.save((features, got_labels), result_file)
+        torch.save((out["features"], out["labels"], out["block_cls"][1]), result_file)
+    else:
+        assert out is None                                  # only rank 0 holds the gathered features
     dist.destroy_process_group()
 
 
@@ -266,10 +285,12 @@ def test_extract_features_gathers_shards_in_dataset_order(tmp_path):
     """Two gloo processes, 11 samples (uneven shards): every row lands where a single process puts it."""
     torch.multiprocessing.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")),
                                 nprocs=2)
-    features, labels = torch.load(tmp_path / "out.pt")
+    gathered, labels, block1 = torch.load(tmp_path / "out.pt")
     vit, images, expected_labels = tiny_vit_and_images(n=11)
-    expected, _ = ev.extract_features(vit, DataLoader(TensorDataset(images, expected_labels), batch_size=5))
-    assert torch.equal(labels, expected_labels) and torch.allclose(features, expected, atol=1e-5)
+    expected = features.extract_features(vit, DataLoader(TensorDataset(images, expected_labels), batch_size=5),
+                                         block_cls=True)
+    assert torch.equal(labels, expected_labels) and torch.allclose(gathered, expected["features"], atol=1e-5)
+    assert torch.allclose(block1, expected["block_cls"][1], atol=1e-5)
 
 
 # ---- pictures --------------------------------------------------------------------------------------------
@@ -297,23 +318,23 @@ def test_plots_are_written(tmp_path):
 
 # ---- the driver and the CLI ------------------------------------------------------------------------------
 def test_protocol_names_are_checked():
-    assert ev.parse_protocols("all") == ev.PROTOCOLS
-    assert ev.parse_protocols("cluster,knn") == ("knn", "cluster")
+    assert protocols.parse_protocols("all") == protocols.PROTOCOLS
+    assert protocols.parse_protocols("cluster,knn") == ("knn", "cluster")
     with pytest.raises(ValueError, match="protocol 'probe' is not one of"):
-        ev.parse_protocols("knn,probe")
+        protocols.parse_protocols("knn,probe")
 
 
 def test_unlabelled_folder_is_refused(tmp_path):
     from PIL import Image
+    (tmp_path / "data").mkdir()
     for i in range(2):
-        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / "data" / f"{i}.png")
+    write_our_checkpoint(tmp_path / "c.pth")
     with pytest.raises(SystemExit, match="has no labels"):
-        ev.evaluate(create_vit("vit_micro"), str(tmp_path), 32, num_workers=0)
+        ev.main(["--ckpt", str(tmp_path / "c.pth"), "--data", str(tmp_path / "data"), "--num_workers", "0"])
 
 
 def write_our_checkpoint(path, seed=0):
-    from common.checkpoints import save_checkpoint
-    from common.vit import vit_config
     torch.manual_seed(seed)
     vit = create_vit("vit_micro")
     save_checkpoint(path, {"model": vit.state_dict(), "encoder": vit.state_dict(), "vit": vit_config(vit),

@@ -184,7 +184,7 @@ def test_loss_falls_on_a_repeated_batch():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-TINY = ["--model", "vit_micro", "--n_per_class", "16", "4", "--batch_size", "16", "--epochs", "2",
+TINY = ["--model", "vit_micro", "--n_per_class", "16", "4", "--global_batch", "16", "--epochs", "2",
         "--warmup_epochs", "0", "--lr", "1e-3", "--log_every", "1", "--num_workers", "0"]
 
 

@@ -15,12 +15,15 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import mae_ct  # noqa: E402
+from common import distributed, optim  # noqa: E402
+from common.checkpoints import build_vit_from_checkpoint  # noqa: E402
 from common.vit import create_vit  # noqa: E402
 
 
 def tiny_model(queue_size=16, seed=0):
     torch.manual_seed(seed)
-    return mae_ct.MAECT(create_vit("vit_micro"), proj_hidden=32, pred_hidden=48, out_dim=8, queue_size=queue_size)
+    return mae_ct.MAECT(create_vit("vit_micro"), proj_hidden_dim=32, pred_hidden_dim=48, out_dim=8,
+                        queue_size=queue_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -59,34 +62,35 @@ def test_nnclr_loss_gradient_flows_only_into_predictions():
 # Queue
 # ---------------------------------------------------------------------------------------------------------
 def test_queue_fifo_and_wrap():
-    model = tiny_model(queue_size=6)
+    queue = tiny_model(queue_size=6).queue
     first = F.normalize(torch.randn(4, 8), dim=1)
     second = F.normalize(torch.randn(4, 8), dim=1)
-    model.enqueue(first, torch.arange(4), torch.arange(4) + 10)
-    assert model.queue_ptr.item() == 4
-    model.enqueue(second, torch.arange(4, 8), torch.arange(4, 8) + 10)
-    assert model.queue_ptr.item() == 2                       # 8 rows into 6 slots: wrapped
+    queue.push(first, torch.arange(4), torch.arange(4) + 10)
+    assert queue.ptr.item() == 4
+    queue.push(second, torch.arange(4, 8), torch.arange(4, 8) + 10)
+    assert queue.ptr.item() == 2                             # 8 rows into 6 slots: wrapped
     # slots 4, 5 then 0, 1 hold the second batch; slots 2, 3 still the last two rows of the first
-    assert torch.equal(model.queue[[4, 5, 0, 1]], second)
-    assert torch.equal(model.queue[[2, 3]], first[2:])
-    assert model.queue_ids.tolist() == [6, 7, 2, 3, 4, 5]
-    assert model.queue_labels.tolist() == [16, 17, 12, 13, 14, 15]
+    assert torch.equal(queue.entries[[4, 5, 0, 1]], second)
+    assert torch.equal(queue.entries[[2, 3]], first[2:])
+    assert queue.ids.tolist() == [6, 7, 2, 3, 4, 5]
+    assert queue.labels.tolist() == [16, 17, 12, 13, 14, 15]
+    assert torch.allclose(tiny_model(queue_size=5).queue.entries.norm(dim=1), torch.ones(5))   # unit rows at start
 
 
 def test_neighbour_lookup_excludes_own_id_and_samples_within_top_k():
-    model = tiny_model(queue_size=8)
+    queue = tiny_model(queue_size=8).queue
     bank = F.normalize(torch.randn(8, 8), dim=1)
-    model.enqueue(bank, torch.arange(8), torch.arange(8) + 100)
+    queue.push(bank, torch.arange(8), torch.arange(8) + 100)
     query = bank[3:4]                                         # identical to queue row 3
-    nn_row, nn_label = model.find_neighbours(query, torch.tensor([99]), topk=1)
-    assert torch.equal(nn_row, bank[3:4]) and nn_label.item() == 103       # another id: itself is the nearest
-    nn_row, nn_label = model.find_neighbours(query, torch.tensor([3]), topk=1)
+    nn_row, slot = queue.nearest(query, torch.tensor([99]), topk=1)
+    assert torch.equal(nn_row, bank[3:4]) and queue.labels[slot].item() == 103   # another id: itself is the nearest
+    nn_row, slot = queue.nearest(query, torch.tensor([3]), topk=1)
     sims = bank @ query[0]
     sims[3] = -float("inf")
-    assert nn_label.item() == 100 + int(sims.argmax())                       # same id: the next nearest
-    top3 = set((100 + sims.topk(3).indices).tolist())
+    assert slot.item() == int(sims.argmax())                                    # same id: the next nearest
+    top3 = set(sims.topk(3).indices.tolist())
     torch.manual_seed(0)
-    drawn = {model.find_neighbours(query, torch.tensor([3]), topk=3)[1].item() for _ in range(60)}
+    drawn = {queue.nearest(query, torch.tensor([3]), topk=3)[1].item() for _ in range(60)}
     assert drawn == top3                                      # uniform over the top 3: all of them, nothing else
 
 
@@ -114,7 +118,7 @@ def test_target_projector_ema_and_copied_batchnorm_buffers():
 @pytest.mark.parametrize("stage", ["init", "tune"])
 def test_frozen_parts_get_no_gradient_and_keep_their_values(stage):
     model = tiny_model()
-    model.set_stage(stage, frozen_blocks=2)
+    model.set_stage(stage, freeze_blocks=2)
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05)
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
@@ -136,11 +140,10 @@ def test_frozen_parts_get_no_gradient_and_keep_their_values(stage):
 def test_layerwise_lr_decay_scales():
     """The tune stage's groups: block i x 0.65^(depth - i), the stem x 0.65^(depth + 1), final norm and heads x 1,
     frozen parameters absent."""
-    from common import engine
     model = tiny_model()
-    model.set_stage("tune", frozen_blocks=1)
+    model.set_stage("tune", freeze_blocks=1)
     depth = model.encoder.depth
-    groups = engine.param_groups(model.encoder.named_parameters(), 0.05, layer_decay=0.65, depth=depth)
+    groups = optim.param_groups(model.encoder.named_parameters(), 0.05, layer_decay=0.65, depth=depth)
     scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
     for name, param in model.encoder.named_parameters():
         if not param.requires_grad:
@@ -152,8 +155,8 @@ def test_layerwise_lr_decay_scales():
             assert name.startswith("norm.") and scale[name] == pytest.approx(1.0), name
     assert "blocks.0.attn.qkv.weight" not in scale and "patch_embed.proj.weight" not in scale
     # with nothing frozen the stem is trainable and gets 0.65^(depth + 1)
-    model.set_stage("tune", frozen_blocks=0)
-    groups = engine.param_groups(model.encoder.named_parameters(), 0.05, layer_decay=0.65, depth=depth)
+    model.set_stage("tune", freeze_blocks=0)
+    groups = optim.param_groups(model.encoder.named_parameters(), 0.05, layer_decay=0.65, depth=depth)
     scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
     assert scale["patch_embed.proj.weight"] == pytest.approx(0.65 ** (depth + 1))
     assert scale["cls_token"] == pytest.approx(0.65 ** (depth + 1))
@@ -162,7 +165,7 @@ def test_layerwise_lr_decay_scales():
 @pytest.mark.parametrize("stage", ["init", "tune"])
 def test_loss_falls_on_a_fixed_batch(stage):
     model = tiny_model(queue_size=32)
-    model.set_stage(stage, frozen_blocks=2)
+    model.set_stage(stage, freeze_blocks=2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     views = [torch.randn(8, 3, 32, 32, generator=generator) for _ in range(2)]
@@ -191,8 +194,8 @@ def run_steps(rank, world):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     model = tiny_model(queue_size=16)
-    model.set_stage("tune", frozen_blocks=2)
-    model = mae_ct.engine.sync_batchnorm(model, torch.device("cpu"))
+    model.set_stage("tune", freeze_blocks=2)
+    model = distributed.sync_batchnorm(model, torch.device("cpu"))
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)   # Adam would blow up
     # float rounding on near-zero gradients (its first step is ~lr * sign(g)), SGD keeps differences small
@@ -214,7 +217,7 @@ def run_steps(rank, world):
         optimizer.step()
         optimizer.zero_grad()
         model.update_target(0.9)
-    return dict(losses=losses, grads=first_grads, queue=model.queue.clone(), queue_ids=model.queue_ids.clone(),
+    return dict(losses=losses, grads=first_grads, queue=model.queue.entries.clone(), queue_ids=model.queue.ids.clone(),
                 target=model.target_projector.state_dict())
 
 
@@ -255,78 +258,61 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
         assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
 
 
-def test_knn_report_equals_the_final_norm_protocol():
-    """The one-pass report (norm of the last block's raw CLS) gives the k-NN of common.eval's final-norm CLS."""
-    from torch.utils.data import DataLoader, TensorDataset
-    from common import eval as evaluation
-    torch.manual_seed(0)
-    vit = create_vit("vit_micro")
-    with torch.no_grad():                      # a non-trivial final norm, so that skipping it would show
-        vit.norm.weight.uniform_(0.2, 3.0)
-        vit.norm.bias.normal_()
-    loaders = [DataLoader(TensorDataset(torch.randn(n, 3, 32, 32), torch.arange(n) % 3), batch_size=16)
-               for n in (60, 30)]
-    report = mae_ct.knn_report(vit, loaders, "cls")
-    (train_x, train_y), (test_x, test_y) = (evaluation.extract_features(vit, l, "cls") for l in loaders)
-    assert report["knn"] == evaluation.knn_accuracy(train_x, train_y, test_x, test_y, ks=(10, 20))
-    assert len(report["perblock"]) == 4 and all(0 <= a <= 100 for a in report["perblock"])
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The CLI end to end
 # ---------------------------------------------------------------------------------------------------------
 def test_cli_both_stages_then_tune_from_the_init_checkpoint(tmp_path, micro_checkpoint):
     import json
-    from common.checkpoints import build_vit_from_checkpoint
     vit = micro_checkpoint(tmp_path / "mae.pth")
     run = tmp_path / "run"
-    common = ["--model", "vit_micro", "--n_per_class", "8", "4", "--batch_size", "16", "--queue_size", "64",
-              "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16", "--init_epochs", "2", "--epochs", "2",
-              "--log_every", "1", "--eval_batch_size", "40"]
+    common = ["--model", "vit_micro", "--n_per_class", "8", "4", "--global_batch", "16", "--queue_size", "64",
+              "--proj_hidden_dim", "32", "--pred_hidden_dim", "32", "--out_dim", "16", "--init_epochs", "2",
+              "--epochs", "2", "--log_every", "1"]
     mae_ct.main(common + ["--ckpt", str(tmp_path / "mae.pth"), "--output_dir", str(run)])
 
     init_ckpt = torch.load(run / "init" / "checkpoint-last.pth", weights_only=True)
-    tune_ckpt = torch.load(run / "tune" / "checkpoint-last.pth", weights_only=True)
+    tune_ckpt = torch.load(run / "checkpoint-last.pth", weights_only=True)
     assert init_ckpt["step"] == tune_ckpt["step"] == 2 * 80 // 16
     # the init stage leaves the encoder as loaded; the tune stage changes only the unfrozen upper half
     for key, value in vit.state_dict().items():
         assert torch.equal(init_ckpt["encoder"][key], value), key
         changed = not torch.equal(tune_ckpt["encoder"][key], value)
         assert changed == (key.startswith(("blocks.2.", "blocks.3.", "norm."))), key
-    for key in ("queue", "queue_ids", "queue_ptr", "target_projector.0.weight", "predictor.3.weight"):
+    for key in ("queue.entries", "queue.ids", "queue.ptr", "target_projector.0.weight", "predictor.3.weight"):
         assert key in tune_ckpt["model"], key
-    assert (tune_ckpt["model"]["queue_ids"] >= 0).all()           # 10 steps x 16 rows filled all 64 slots
+    assert (tune_ckpt["model"]["queue.ids"] >= 0).all()           # 10 steps x 16 rows filled all 64 slots
     assert "encoder_ema" in tune_ckpt
-    loaded, _ = build_vit_from_checkpoint(str(run / "tune" / "checkpoint-last.pth"))
+    loaded, _ = build_vit_from_checkpoint(str(run / "checkpoint-last.pth"))
     assert torch.equal(loaded.state_dict()["blocks.3.mlp.fc2.weight"], tune_ckpt["encoder"]["blocks.3.mlp.fc2.weight"])
 
-    records = [json.loads(line) for line in open(run / "tune" / "log.jsonl")]
+    records = [json.loads(line) for line in open(run / "log.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
     assert all(0.0 <= r["nn_accuracy"] <= 1.0 for r in records if "nn_accuracy" in r)
-    summary = records[-1]
-    assert set(summary["knn_before"]) == {"10", "20"} and len(summary["perblock_after"]) == 4
-    for name in ("knn_per_block.png", "init/loss.png", "tune/loss.png"):
+    evaluations = {r["name"]: r for r in map(json.loads, open(run / "eval.jsonl"))}
+    assert set(evaluations) == {"MAE (start)", "MAE-CT"}
+    assert all(set(r["knn"]) == {"10", "20"} and len(r["perblock"]) == 4 and r["tokens"] == "mean"
+               for r in evaluations.values())
+    for name in ("knn_per_block.png", "init/loss.png", "loss.png"):
         assert (run / name).is_file(), name
 
     # --stage tune from the init checkpoint: encoder, head and queue come from it
     mae_ct.main(common + ["--stage", "tune", "--ckpt", str(run / "init" / "checkpoint-last.pth"),
-                          "--output_dir", str(tmp_path / "run2"), "--max_steps", "1", "--no_knn"])
-    assert (tmp_path / "run2" / "tune" / "checkpoint-last.pth").is_file()
+                          "--output_dir", str(tmp_path / "run2"), "--max_steps", "1", "--eval", "none"])
+    assert (tmp_path / "run2" / "checkpoint-last.pth").is_file()
 
 
 def test_resume_continues_the_tune_stage_bit_identically(tmp_path, micro_checkpoint):
     """Stopped at --max_steps and resumed, the run ends with the same weights, queue and target projector as
     an uninterrupted one (the top-k draws, data order and EMA all continue where they were)."""
     micro_checkpoint(tmp_path / "mae.pth")
-    common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--batch_size", "8", "--queue_size", "32",
-              "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16", "--epochs", "2", "--topk", "3",
-              "--stage", "tune", "--no_knn", "--ckpt", str(tmp_path / "mae.pth")]
+    common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--global_batch", "8", "--queue_size", "32",
+              "--proj_hidden_dim", "32", "--pred_hidden_dim", "32", "--out_dim", "16", "--epochs", "2", "--topk", "3",
+              "--stage", "tune", "--eval", "none", "--ckpt", str(tmp_path / "mae.pth")]
     mae_ct.main(common + ["--output_dir", str(tmp_path / "full")])
     mae_ct.main(common + ["--output_dir", str(tmp_path / "split"), "--max_steps", "4"])
     mae_ct.main(common + ["--output_dir", str(tmp_path / "split"), "--resume", "auto"])
-    full, split = (torch.load(tmp_path / run / "tune" / "checkpoint-last.pth", weights_only=True)
-                   for run in ("full", "split"))
+    full, split = (torch.load(tmp_path / run / "checkpoint-last.pth", weights_only=True) for run in ("full", "split"))
     assert full["step"] == split["step"] == 10
     for key, value in full["model"].items():
         assert torch.equal(value, split["model"][key]), key
@@ -338,20 +324,20 @@ def test_resume_across_the_two_stages_is_bit_identical(tmp_path, capsys, micro_c
     """Stopped inside the init stage, the run does not start tuning from a half-trained head; resumed twice
     (through the rest of init into tune, then to the end) it ends where an uninterrupted run ends."""
     micro_checkpoint(tmp_path / "mae.pth")
-    common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--batch_size", "8", "--queue_size", "32",
-              "--proj_hidden", "32", "--pred_hidden", "32", "--out_dim", "16", "--init_epochs", "1", "--epochs", "2",
-              "--topk", "3", "--no_knn", "--ckpt", str(tmp_path / "mae.pth")]
+    common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--global_batch", "8", "--queue_size", "32",
+              "--proj_hidden_dim", "32", "--pred_hidden_dim", "32", "--out_dim", "16", "--init_epochs", "1", "--epochs", "2",
+              "--topk", "3", "--eval", "none", "--ckpt", str(tmp_path / "mae.pth")]
     mae_ct.main(common + ["--output_dir", str(tmp_path / "full")])
     split = tmp_path / "split"
     mae_ct.main(common + ["--output_dir", str(split), "--max_steps", "2"])
-    assert not (split / "tune").exists()
+    assert not (split / "checkpoint-last.pth").exists()
     capsys.readouterr()
     mae_ct.main(common + ["--output_dir", str(split), "--max_steps", "7", "--resume", "auto"])    # per stage
-    assert torch.load(split / "tune" / "checkpoint-last.pth", weights_only=True)["step"] == 7
+    assert torch.load(split / "checkpoint-last.pth", weights_only=True)["step"] == 7
     assert "at step 2 (epoch 0)" in capsys.readouterr().out                 # init continued, not restarted
     mae_ct.main(common + ["--output_dir", str(split), "--resume", "auto"])
     assert "at step 7 (epoch 1)" in capsys.readouterr().out
-    full, part = (torch.load(run / "tune" / "checkpoint-last.pth", weights_only=True) for run in (tmp_path / "full", split))
+    full, part = (torch.load(run / "checkpoint-last.pth", weights_only=True) for run in (tmp_path / "full", split))
     assert full["step"] == part["step"] == 10
     for name in ("model", "encoder_ema"):
         for key, value in full[name].items():
@@ -370,8 +356,22 @@ def test_cpu_preset_defaults_and_bad_crop_scale():
     cpu, paper = mae_ct.get_args(["--model", "vit_micro"]), mae_ct.get_args(["--model", "vit_l"])
     assert (cpu.aug, cpu.pooling, cpu.crop_min) == ("byol", "mean", 0.3)
     assert (paper.aug, paper.pooling, paper.crop_min) == ("rrc", "cls", 0.08)
+    assert mae_ct.get_args(["--model", "vit_l_aug"]).aug == "byol"
     with pytest.raises(SystemExit, match="--crop_min 0.0 must be in"):
         mae_ct.get_args(["--model", "vit_micro", "--crop_min", "0"])
+
+def test_views_are_the_paper_recipes_at_32_px():
+    from common import data
+    image = data.ShapesDataset("val", n_per_class=1)[0][0]
+    for aug in ("rrc", "byol"):
+        views = mae_ct.two_views(32, aug, 0.3)(image)
+        assert len(views) == 2 and all(v.shape == (3, 32, 32) for v in views)
+    blur = [op for op in mae_ct.byol_view(224, 0.08, 1.0, 0.0).transforms if "RandomApply" in type(op).__name__][-1]
+    assert list(blur.transforms[0].sigma) == pytest.approx([0.1, 2.0])           # BYOL's sigma at 224 px
+    blur = [op for op in mae_ct.byol_view(32, 0.3, 1.0, 0.0).transforms if "RandomApply" in type(op).__name__][-1]
+    assert list(blur.transforms[0].sigma) == pytest.approx([0.1 * 32 / 224, 2.0 * 32 / 224])   # scaled with the image
+    assert list(blur.transforms[0].kernel_size) == [3, 3]
+
 
 if __name__ == "__main__":          # torchrun entry of the two-process test
     _worker(sys.argv[1])

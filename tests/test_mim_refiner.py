@@ -10,13 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import mim_refiner as mr
+from common import distributed
+from common.checkpoints import build_vit_from_checkpoint
 from common.vit import create_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def nna_reference(z_pre, z_post, p, tau):
-    """NNA by the formula of the reference notes (2.4), one anchor at a time, in float64:
+    """NNA by the paper's formula (arXiv 2402.10093, Eq. 2), one anchor at a time, in float64:
     l_a = -log[ exp(NN_a.p_a/tau) / (exp(NN_a.p_a/tau) + sum_{b != a} exp(z_a.p_b/tau)) ] on unit vectors."""
     unit = lambda v: v.double() / v.double().norm()
     total = 0.0
@@ -83,7 +85,7 @@ def test_head_loss_uses_the_official_view_indexing(clean):
 
 
 def test_head_blocks_follow_the_paper_table():
-    # reference notes 2.2: stage3/l16_*.yaml, h14_*.yaml, twob14_mae.yaml
+    # ml-jku/MIM-Refiner src/yamls/stage3/l16_*.yaml, h14_*.yaml, twob14_mae.yaml
     assert mr.default_head_blocks("vit_l", 24) == ["final", 22, 21, 20, 19, 18, 17, 16]
     assert mr.default_head_blocks("vit_h", 32) == ["final"] + list(range(30, 19, -1))
     assert mr.default_head_blocks("vit_2b", 24) == ["final", 22, 21, 20, 19, 18, 17, 16]
@@ -157,17 +159,21 @@ def multicrop_batch(batch, generator, n_local=2):
 def test_multicrop_views_have_the_paper_layout_at_32_px():
     from common import data
     args = mr.get_args(["--model", "vit_mini"])
-    dataset = data.build_dataset(None, "train", data.multicrop(args.img_size, args.local_size, args.n_local),
+    dataset = data.build_dataset(None, "train", mr.multicrop(args.img_size, args.local_size, args.n_local),
                                  n_per_class=1)
     views, label, index = dataset[3]
     assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * args.n_local
     paper = mr.get_args(["--model", "vit_h"])
     assert (paper.img_size, paper.local_size, paper.n_local, paper.temperature) == (224, 98, 10, 0.3)
     assert mr.get_args(["--model", "vit_l"]).local_size == 96
+    # local crops blur with the global views' absolute sigma (scaled from BYOL's 224 px reference)
+    local = mr.multicrop(224, 96, 1).transforms[2]
+    blur = [op for op in local.transforms if "RandomApply" in type(op).__name__][-1]
+    assert blur.p == 0.5 and list(blur.transforms[0].sigma) == pytest.approx([0.1, 2.0])
 
 
 def test_the_vit_h_command_builds_the_paper_configuration():
-    # `python mim_refiner.py --model vit_h ...` (reference notes 2.2-2.5, stage3/h14_mae.yaml), built on the meta
+    # `python mim_refiner.py --model vit_h ...` (ml-jku/MIM-Refiner src/yamls/stage3/h14_mae.yaml), built on the meta
     # device: the full-size shapes without allocating the 632M-parameter encoder.
     from common.vit import create_vit
     args = mr.get_args(["--model", "vit_h"])
@@ -183,7 +189,7 @@ def test_the_vit_h_command_builds_the_paper_configuration():
                                                                    (256, 4096), (4096, 256)]
     assert all(m.bias is None for m in linears) and isinstance(head.predictor[-1], torch.nn.BatchNorm1d)
     assert tuple(refiner.queues["block20"].entries.shape) == (65536, 256)
-    recipe = (args.global_batch_default, args.init_epochs, args.init_blr, args.epochs, args.blr, args.warmup_epochs,
+    recipe = (args.global_batch, args.init_epochs, args.init_blr, args.epochs, args.blr, args.warmup_epochs,
               args.min_lr, args.layer_decay, args.weight_decay, args.head_weight_decay, args.ema_decay, args.topk)
     assert recipe == (512, 20, 2e-4, 30, 4e-4, 4, 1e-6, 0.65, 0.05, 1e-5, 0.9999, 20)
 
@@ -215,9 +221,8 @@ def run_steps(rank, world):
     """STEPS steps on the same global batches of 2 * PER_RANK samples (this rank takes its rows), heads with
     synchronised BN, DDP. Returns the global mean losses, the first step's gradients and the final queues."""
     import torch.distributed as dist
-    from common.engine import Dist, wrap_ddp
-    refiner = mr.sync_batchnorm(tiny_refiner(queue_size=20), torch.device("cpu"))
-    model = wrap_ddp(refiner, Dist(rank, world), compile=False, broadcast_buffers=False)   # as mim_refiner.run_stage
+    refiner = distributed.sync_batchnorm(tiny_refiner(queue_size=20), torch.device("cpu"))
+    model = distributed.wrap_ddp(refiner, distributed.Dist(rank, world), broadcast_buffers=False)   # as run_stage
     optimizer = torch.optim.SGD(refiner.parameters(), lr=0.05)
     generator = torch.Generator().manual_seed(1)
     rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK) if world > 1 else slice(None)
@@ -273,10 +278,9 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 def test_cli_init_then_refine_writes_a_loadable_checkpoint(tmp_path, micro_checkpoint):
     import json
-    from common.checkpoints import build_vit_from_checkpoint
     vit = micro_checkpoint(tmp_path / "mae.pth")
     run = tmp_path / "run"
-    common = ["--model", "vit_micro", "--n_per_class", "8", "4", "--batch_size", "8", "--queue_size", "32",
+    common = ["--model", "vit_micro", "--n_per_class", "8", "4", "--global_batch", "8", "--queue_size", "32",
               "--head_blocks", "final,2", "--init_epochs", "1", "--epochs", "2", "--log_every", "1"]
     mr.main(common + ["--ckpt", str(tmp_path / "mae.pth"), "--output_dir", str(run)])
 
@@ -295,14 +299,15 @@ def test_cli_init_then_refine_writes_a_loadable_checkpoint(tmp_path, micro_check
     records = [json.loads(line) for line in open(run / "log.jsonl")]
     assert len(records) == 20 and all(math.isfinite(r["loss"]) for r in records)
     assert all(r["loss"] == pytest.approx(r["loss/final"] + r["loss/block2"], rel=1e-4) for r in records)
-    knn = json.load(open(run / "knn.json"))
-    assert set(knn["per_block_k10"]) == {"start (--ckpt)", "refined (EMA)"}
-    assert all(len(curve) == 4 for curve in knn["per_block_k10"].values())
+    evaluations = {r["name"]: r for r in map(json.loads, open(run / "eval.jsonl"))}
+    assert set(evaluations) == {"start (--ckpt)", "refined (EMA)"}
+    assert all(len(r["perblock"]) == 4 and r["standardize"] and not r["final_norm"] for r in evaluations.values())
     for name in ("knn_per_block.png", "loss.png", "init/loss.png"):
         assert (run / name).is_file(), name
 
     # --stage refine from the init checkpoint takes the heads and queues from it
     start, model_state = mr.load_start(mr.get_args(common + ["--ckpt", str(run / "init" / "checkpoint-last.pth")]))
+    assert mr.load_start(mr.get_args(common + ["--ckpt", str(tmp_path / "mae.pth")]))[1] is None      # encoder only
     assert torch.equal(model_state["heads.block2.projector.0.weight"], init_ckpt["model"]["heads.block2.projector.0.weight"])
 
 
@@ -311,8 +316,8 @@ def test_resume_across_the_two_stages_is_bit_identical(tmp_path, capsys, micro_c
     run ends with the same encoder, EMA, heads and queues as an uninterrupted one. A stage stopped at
     --max_steps does not start the next stage (it would refine from half-trained heads)."""
     micro_checkpoint(tmp_path / "mae.pth")
-    common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--batch_size", "8", "--queue_size", "16",
-              "--head_blocks", "final,2", "--init_epochs", "1", "--epochs", "2", "--topk", "3", "--no_eval",
+    common = ["--model", "vit_micro", "--n_per_class", "4", "1", "--global_batch", "8", "--queue_size", "16",
+              "--head_blocks", "final,2", "--init_epochs", "1", "--epochs", "2", "--topk", "3", "--eval", "none",
               "--ckpt", str(tmp_path / "mae.pth")]
     mr.main(common + ["--output_dir", str(tmp_path / "full")])
     split = tmp_path / "split"

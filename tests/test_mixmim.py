@@ -199,7 +199,7 @@ def test_loss_falls_when_fitting_a_fixed_batch():
 # ---- the CLI -----------------------------------------------------------------------------------------------
 def run_cli(tmp_path, name, *extra):
     out = tmp_path / name
-    mixmim.main(["--model", "vit_micro", "--n_per_class", "8", "4", "--batch_size", "8", "--epochs", "2",
+    mixmim.main(["--model", "vit_micro", "--n_per_class", "8", "4", "--global_batch", "8", "--epochs", "2",
                  "--blr", "5e-3", "--warmup_epochs", "0.2", "--log_every", "1", "--output_dir", str(out), *extra])
     with open(out / "log.jsonl") as f:
         return out, [json.loads(line)["loss"] for line in f]
@@ -229,9 +229,9 @@ def test_cli_resume_continues_the_same_run(tmp_path, backend):
     assert resumed == straight            # log.jsonl of the resumed run holds steps 1-2, then 3-4
 
 
-def test_odd_batch_is_refused():
-    with pytest.raises(SystemExit, match="odd"):
-        mixmim.get_args(["--batch_size", "15"])
+def test_odd_batch_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--batch_size 15 .* is odd"):
+        mixmim.main(["--model", "vit_micro", "--global_batch", "15", "--output_dir", str(tmp_path)])
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
-"""common/engine.py: LR rules and schedule, parameter groups, freezing, EMA, the 2-process gather and DDP
-Trainer, bit-identical resume (after --max_steps and after SIGTERM), NaN stop, checkpoint format."""
+"""common/optim.py, common/distributed.py, common/config.py, common/trainer.py: LR rules and schedule, parameter
+groups, freezing, EMA, the command-line dialect and global batch, the 2-process gather and DDP Trainer,
+bit-identical resume (after --max_steps and after SIGTERM), NaN stop, checkpoint format."""
 import argparse
 import math
 import os
@@ -11,7 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import data, engine
+from torchvision.transforms import v2
+
+from common import config, data, distributed, optim, trainer as training
+from common.checkpoints import build_vit_from_checkpoint
 from common.vit import create_vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,13 +26,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # LR rules and parameter groups
 # ----------------------------------------------------------------------------------------------------------
 def test_scaled_lr_matches_the_papers_numbers():
-    assert engine.scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)          # MAE PRETRAIN.md: 4096 -> 2.4e-3
-    assert engine.scaled_lr(1e-4, 1024, factor=2) == pytest.approx(8e-4)    # MAE-CT B/16 stage 3 (x views)
-    assert engine.scaled_lr(4e-4, 512) == pytest.approx(8e-4)               # MIM-Refiner H/14 stage 3
+    assert optim.scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)          # MAE PRETRAIN.md: 4096 -> 2.4e-3
+    assert optim.scaled_lr(1e-4, 1024, factor=2) == pytest.approx(8e-4)    # MAE-CT B/16 stage 3 (x views)
+    assert optim.scaled_lr(4e-4, 512) == pytest.approx(8e-4)               # MIM-Refiner H/14 stage 3
 
 
 def test_cosine_lr_hand_values():
-    lr = lambda step: engine.cosine_lr(step, total_steps=110, warmup_steps=10, base_lr=1.0, min_lr=0.1)
+    lr = lambda step: optim.cosine_lr(step, total_steps=110, warmup_steps=10, base_lr=1.0, min_lr=0.1)
     assert lr(0) == 0.0
     assert lr(5) == pytest.approx(0.5)                       # halfway up the linear warm-up
     assert lr(10) == pytest.approx(1.0)                      # peak
@@ -40,7 +44,7 @@ def test_cosine_lr_hand_values():
 
 def test_param_groups_weight_decay_and_layer_decay():
     vit = create_vit("vit_micro")                            # depth 4
-    groups = engine.param_groups(vit.named_parameters(), 0.05, layer_decay=0.5, depth=4)
+    groups = optim.param_groups(vit.named_parameters(), 0.05, layer_decay=0.5, depth=4)
     by_name = {name: (g["weight_decay"], g["lr_scale"]) for g in groups for name in g["names"]}
     assert "pos_embed" not in by_name                        # fixed table: requires_grad=False, skipped
     assert by_name["cls_token"] == (0.05, 0.5 ** 5)          # MAE decays cls_token (3-D); stem scale d^(depth+1)
@@ -55,37 +59,49 @@ def test_param_groups_weight_decay_and_layer_decay():
     # Prefixed names (a method module), an explicit exclusion, and no layer decay.
     module = nn.Module()
     module.encoder, module.head = vit, nn.Linear(64, 8)
-    plain = engine.param_groups(module.named_parameters(), 0.1, no_decay_names=("cls_token",))
+    plain = optim.param_groups(module.named_parameters(), 0.1, no_decay_names=("cls_token",))
     by_name = {name: (g["weight_decay"], g["lr_scale"]) for g in plain for name in g["names"]}
     assert by_name["encoder.cls_token"] == (0.0, 1.0)
     assert by_name["head.weight"] == (0.1, 1.0) and by_name["head.bias"] == (0.0, 1.0)
-    assert engine.layer_id("encoder.blocks.2.attn.proj.weight", 4) == 3
-    assert engine.layer_id("decoder_blocks.1.mlp.fc1.weight", 4) == 5      # not an encoder block
+    assert optim.layer_id("encoder.blocks.2.attn.proj.weight", 4) == 3
+    assert optim.layer_id("decoder_blocks.1.mlp.fc1.weight", 4) == 5      # not an encoder block
 
 
 def test_set_lr_applies_each_groups_scale():
     a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
     optimizer = torch.optim.AdamW([{"params": [a], "lr_scale": 0.25}, {"params": [b]}], lr=1.0)
-    engine.set_lr(optimizer, 0.8)
+    optim.set_lr(optimizer, 0.8)
     assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.2), pytest.approx(0.8)]
 
 
-def test_freeze_blocks_keeps_stem_and_first_blocks_frozen_in_eval_mode():
+def test_freeze_trains_only_the_upper_blocks_and_the_final_norm():
     vit = create_vit("vit_micro")
-    engine.freeze_blocks(vit, 2)
-    vit.train()
-    assert not vit.patch_embed.training and not vit.blocks[1].training and vit.blocks[2].training
-    assert not vit.cls_token.requires_grad and not any(p.requires_grad for p in vit.blocks[1].parameters())
+    vit.freeze(2)
+    assert not vit.cls_token.requires_grad and not vit.pos_embed.requires_grad
+    assert not any(p.requires_grad for m in (vit.patch_embed, vit.blocks[1]) for p in m.parameters())
     assert all(p.requires_grad for p in vit.blocks[2].parameters()) and vit.norm.weight.requires_grad
-    names = {n for g in engine.param_groups(vit.named_parameters(), 0.05) for n in g["names"]}
+    names = {n for g in optim.param_groups(vit.named_parameters(), 0.05) for n in g["names"]}
     assert not any(n.startswith(("blocks.0.", "blocks.1.", "patch_embed", "cls_token")) for n in names)
+    vit.freeze(0)                                            # nothing frozen: the stem trains too, positions never
+    assert vit.cls_token.requires_grad and vit.patch_embed.proj.weight.requires_grad and not vit.pos_embed.requires_grad
     with pytest.raises(ValueError, match="cannot freeze 5 blocks"):
-        engine.freeze_blocks(create_vit("vit_micro"), 5)
+        create_vit("vit_micro").freeze(5)
+
+
+def test_frozen_blocks_build_no_graph():
+    """A frozen lower half keeps no activations for backward: the first trainable block's input needs no grad."""
+    vit = create_vit("vit_micro")
+    vit.freeze(2)
+    seen = {}
+    vit.blocks[2].register_forward_hook(lambda module, args, out: seen.update(input=args[0]))
+    (vit.forward_features(torch.randn(2, 3, 32, 32)) ** 2).sum().backward()
+    assert not seen["input"].requires_grad
+    assert vit.blocks[2].attn.qkv.weight.grad is not None and vit.blocks[1].attn.qkv.weight.grad is None
 
 
 def test_ema_update_and_buffers():
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = engine.EMA(model, decay=0.9)
+    ema = optim.EMA(model, decay=0.9)
     start = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
@@ -98,9 +114,58 @@ def test_ema_update_and_buffers():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
-def test_unknown_default_is_rejected():
-    with pytest.raises(ValueError, match=r"unknown flags \['bacth_size'\]"):
-        engine.add_common_args(argparse.ArgumentParser(), bacth_size=3)
+RECIPES = {"small": dict(epochs=3, global_batch=64, blr=1e-3), "large": dict(epochs=7, global_batch=4096,
+                                                                            batch_size=64, blr=1.5e-4)}
+
+
+def add_method_flags(parser):
+    parser.add_argument("--mask_ratio", type=float, default=0.5, help="a method flag")
+
+
+def test_the_preset_gives_the_defaults_and_flags_override_them():
+    args = config.parse_args("demo", RECIPES, add_method_flags, ["--model", "large"])
+    assert (args.epochs, args.global_batch, args.batch_size, args.blr, args.mask_ratio) == (7, 4096, 64, 1.5e-4, 0.5)
+    assert args.output_dir == os.path.join("runs", "demo")
+    args = config.parse_args("demo", RECIPES, add_method_flags, ["--epochs", "2", "--mask_ratio", "0.6"])
+    assert (args.model, args.epochs, args.global_batch, args.mask_ratio) == ("small", 2, 64, 0.6)
+    with pytest.raises(SystemExit, match="--model 'huge' is not a preset of demo.py; choose one of small, large"):
+        config.parse_args("demo", RECIPES, add_method_flags, ["--model", "huge"])
+    with pytest.raises(ValueError, match=r"the recipe of typo sets \['bacth_size'\], which are not flags"):
+        config.parse_args("demo", {"typo": dict(bacth_size=3)}, None, [])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--blr", "nan"], "--blr nan must be a finite number"),
+    (["--blr", "-1"], "--blr -1.0 must be greater than 0.0"),
+    (["--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["--log_every", "0"], "--log_every 0 must be at least 1"),
+    (["--eval", "knn,probe"], "--eval: evaluation protocol 'probe' is not one of"),
+])
+def test_bad_flag_values_are_one_sentence(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        config.parse_args("demo", RECIPES, None, flags)
+
+
+@pytest.mark.parametrize("world,batch,accumulate,expected", [
+    (1, None, True, (64, 1)),          # one process holds the whole global batch
+    (8, None, True, (8, 1)),           # spread over 8 processes
+    (1, 16, True, (16, 4)),            # a smaller micro-batch accumulates to the global batch
+    (8, 16, True, (8, 1)),             # the micro-batch never exceeds global / processes
+])
+def test_global_batch_resolves_to_batch_and_accumulation(world, batch, accumulate, expected):
+    args = config.parse_args("demo", RECIPES, None, [] if batch is None else ["--batch_size", str(batch)])
+    config.resolve_batch(args, world, accumulate)
+    assert (args.batch_size, args.accum_iter) == expected
+    assert args.batch_size * world * args.accum_iter == args.global_batch
+
+
+def test_a_method_without_accumulation_refuses_a_batch_that_needs_it():
+    args = config.parse_args("demo", RECIPES, None, ["--batch_size", "16"])
+    with pytest.raises(SystemExit, match="would need gradient accumulation"):
+        config.resolve_batch(args, 1, accumulate=False)
+    args = config.parse_args("demo", RECIPES, None, ["--batch_size", "24"])
+    with pytest.raises(SystemExit, match="--global_batch 64 is not a multiple of --batch_size 24"):
+        config.resolve_batch(args, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,7 +174,7 @@ def test_unknown_default_is_rejected():
 def test_two_process_gather_and_ddp_trainer(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               os.path.join(REPO, "tests", "dist_engine_worker.py"), str(tmp_path)]
+               os.path.join(REPO, "tests", "dist_trainer_worker.py"), str(tmp_path)]
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
@@ -131,7 +196,7 @@ def test_two_process_gather_and_ddp_trainer(tmp_path):
     # Epoch 0 = 4 micro-batches of 4 per rank (40 images / 2 ranks, 5 batches, 2 whole steps): disjoint.
     first_epoch = [set(result["seen"][:16].tolist()) for result in ranks]
     assert len(ranks[0]["seen"]) == 24 and len(first_epoch[0]) == 16 and not first_epoch[0] & first_epoch[1]
-    ckpt = torch.load(tmp_path / "run" / engine.LAST_CHECKPOINT, weights_only=True)
+    ckpt = torch.load(tmp_path / "run" / training.LAST_CHECKPOINT, weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])   # ranks draw different noise
 
@@ -154,26 +219,30 @@ class TinyMethod(nn.Module):
 
 
 def parse(run_dir, *flags):
-    parser = argparse.ArgumentParser()
-    engine.add_common_args(parser)
-    return parser.parse_args(["--output_dir", str(run_dir), "--epochs", "2", "--batch_size", "8", "--blr", "1e-2",
-                              "--warmup_epochs", "0.5", "--log_every", "100", "--device", "cpu", *flags])
+    return config.parse_args("tiny", {"tiny": dict(epochs=2, global_batch=8, blr=1e-2, warmup_epochs=0.5,
+                                                   log_every=100)}, None,
+                             ["--output_dir", str(run_dir), "--device", "cpu", *flags])
+
+
+def random_crop(size):
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomHorizontalFlip(),
+                       *data.to_normalized_tensor()])
 
 
 def train(run_dir, *flags, on_step=None, poison_step=None):
     """Run the Trainer loop as a method script would; returns (losses per micro-batch, trainer, ema)."""
     args = parse(run_dir, *flags)
-    dist = engine.setup(args)
-    dataset = data.build_dataset(None, "train", data.mae_transform(32), seed=args.seed, n_per_class=4)
+    dist = training.setup(args)
+    dataset = data.build_dataset(None, "train", random_crop(32), seed=args.seed, n_per_class=4)
     loader = data.build_loader(dataset, args.batch_size, dist, train=True, seed=args.seed)
     model = TinyMethod()
-    optimizer = torch.optim.AdamW(engine.param_groups(model.named_parameters(), args.weight_decay), lr=args.lr,
+    optimizer = torch.optim.AdamW(optim.param_groups(model.named_parameters(), args.weight_decay), lr=args.lr,
                                   betas=(0.9, 0.95))
-    ema = engine.EMA(model.encoder, 0.9)
-    trainer = engine.Trainer(args, model, optimizer, loader, dist, encoder=model.encoder, encoder_ema=ema)
+    ema = optim.EMA(model.encoder, 0.9)
+    trainer = training.Trainer(args, model, optimizer, loader, dist, encoder=model.encoder, encoder_ema=ema)
     losses = []
     for images, labels, indices in trainer:
-        with trainer.autocast():
+        with trainer.micro_batch():
             loss = model(images, labels)
         if poison_step is not None and trainer.global_step + 1 == poison_step:
             loss = loss * float("nan")
@@ -189,11 +258,12 @@ def train(run_dir, *flags, on_step=None, poison_step=None):
 @pytest.mark.parametrize("accum_iter", ["1", "2"])
 def test_resume_after_max_steps_and_sigterm_is_bit_identical(tmp_path, accum_iter):
     # 40 images, batch 8, 2 epochs: 5 batches per epoch (2 optimizer steps per epoch with --accum_iter 2).
-    full, full_trainer, full_ema = train(tmp_path / "full", "--accum_iter", accum_iter)
+    batch = ["--batch_size", str(8 // int(accum_iter))]         # global batch 8 in 1 or 2 micro-batches
+    full, full_trainer, full_ema = train(tmp_path / "full", *batch)
     steps = full_trainer.total_steps
     assert len(full) == steps * int(accum_iter) and steps in (10, 4)
 
-    first, _, _ = train(tmp_path / "split", "--accum_iter", accum_iter, "--max_steps", str(steps // 2 - 1))
+    first, _, _ = train(tmp_path / "split", *batch, "--max_steps", str(steps // 2 - 1))
 
     def sigterm_once(trainer):                              # pre-emption in the middle of the second part
         if trainer.global_step == steps // 2:
@@ -201,12 +271,12 @@ def test_resume_after_max_steps_and_sigterm_is_bit_identical(tmp_path, accum_ite
 
     second = []
     with pytest.raises(SystemExit) as stopped:
-        second, _, _ = train(tmp_path / "split", "--accum_iter", accum_iter, "--resume", "auto", on_step=sigterm_once)
+        second, _, _ = train(tmp_path / "split", *batch, "--resume", "auto", on_step=sigterm_once)
     assert stopped.value.code == 0
     # The signal is acted on at the next optimizer-step boundary, never inside a step.
-    stopped_at = torch.load(tmp_path / "split" / engine.LAST_CHECKPOINT, weights_only=True)["step"]
+    stopped_at = torch.load(tmp_path / "split" / training.LAST_CHECKPOINT, weights_only=True)["step"]
     assert stopped_at == steps // 2 + 1
-    third, resumed_trainer, resumed_ema = train(tmp_path / "split", "--accum_iter", accum_iter, "--resume", "auto")
+    third, resumed_trainer, resumed_ema = train(tmp_path / "split", *batch, "--resume", "auto")
 
     assert first == full[:len(first)]                       # exact equality, no tolerance
     assert third == full[len(full) - len(third):]
@@ -221,20 +291,19 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match=r"loss is nan at step 7 \(epoch 1\); stopping: the last good checkpoint "
                                          r".*checkpoint-last.pth \(step 5\) is kept"):
         train(tmp_path, poison_step=7)
-    ckpt = torch.load(tmp_path / engine.LAST_CHECKPOINT, weights_only=True)
+    ckpt = torch.load(tmp_path / training.LAST_CHECKPOINT, weights_only=True)
     assert ckpt["step"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 def test_checkpoint_follows_our_format_and_rebuilds_the_encoder(tmp_path):
     _, trainer, _ = train(tmp_path, "--max_steps", "2")
-    ckpt = torch.load(tmp_path / engine.LAST_CHECKPOINT, weights_only=True)
+    ckpt = torch.load(tmp_path / training.LAST_CHECKPOINT, weights_only=True)
     for key in ("model", "encoder", "encoder_ema", "vit", "optimizer", "step", "epoch", "args", "rng"):
         assert key in ckpt, key
     assert ckpt["step"] == 2 and ckpt["args"]["max_steps"] == 2
     assert set(ckpt["encoder"]) == {k[len("encoder."):] for k in ckpt["model"] if k.startswith("encoder.")}
-    from common.checkpoints import build_vit_from_checkpoint
-    vit, _ = build_vit_from_checkpoint(str(tmp_path / engine.LAST_CHECKPOINT))
+    vit, _ = build_vit_from_checkpoint(str(tmp_path / training.LAST_CHECKPOINT))
     images = torch.randn(2, 3, 32, 32)
     trainer.module.encoder.eval()
     assert torch.allclose(vit.eval().forward_features(images), trainer.module.encoder.forward_features(images))
