@@ -17,6 +17,8 @@ Formats detected (sources in brackets):
 - released MIM-Refiner weights (ml-jku/MIM-Refiner hubconf.py): {'state_dict': ...} with KappaModules names
   `cls_tokens.tokens`, `pos_embed.embed` (1, h, w, D).
 - plain timm `VisionTransformer` state dicts (`head.*`, `fc_norm.*` dropped).
+- Sense-X/MixMIM's hierarchical encoder (`absolute_pos_embed`, `layers.*`; pre-training files also hold the decoder):
+  loaded by name into mixmim_hierarchical.py's model, whose names are the official ones.
 
 Strictness (never silently partial): after remapping, a key of the model that the file lacks, or a key of
 the file that the model lacks, is an error naming the keys, except this documented allow-list:
@@ -144,6 +146,9 @@ def to_timm_layout(obj, path="checkpoint", use_ema=False):
                 continue                                    # alibi / other modalities' leftovers
             out[k] = v
         return "data2vec2", out, notes + ["data2vec 2.0: decoder and EMA teacher dropped; post-norm ViT"]
+
+    if "absolute_pos_embed" in sd and any(k.startswith("layers.") for k in sd):
+        return "mixmim (Sense-X/MixMIM)", dict(sd), notes + ["hierarchical MixMIM encoder (official names)"]
 
     if "cls_tokens.tokens" in sd or "pos_embed.embed" in sd:
         out = {}

@@ -73,24 +73,32 @@ def run_protocols(feats, spec, log=print):
     results = {}
     for protocol in spec.protocols:
         start = time.time()
-        if protocol == "knn":
-            results["knn"] = knn_accuracy(train_x, train_y, test_x, test_y, standardize=spec.standardize, device=device)
-        elif protocol == "perblock" and "block_cls" in feats["train"]:
-            blocks = sorted(feats["train"]["block_cls"])
-            results["perblock"] = [knn_accuracy(feats["train"]["block_cls"][b], train_y, feats["val"]["block_cls"][b],
-                                                test_y, ks=(10,), standardize=spec.standardize, device=device)[10]
-                                   for b in blocks]
-        elif protocol == "linear":
-            results["linear"] = linear_probe(train_x, train_y, test_x, test_y, epochs=spec.probe_epochs,
-                                             seed=spec.seed, device=device)
-        elif protocol == "lowshot":
-            results["lowshot"] = lowshot(train_x, train_y, test_x, test_y, spec.shots, spec.lowshot_splits, spec.seed)
-        elif protocol == "cluster":
-            results["cluster"] = cluster(test_x, test_y, seed=spec.seed, n_init=spec.kmeans_n_init)
-        else:
+        try:
+            result = _run_protocol(protocol, feats, spec, train_x, train_y, test_x, test_y, device)
+        except ValueError as error:          # e.g. low-shot on one class: say so, keep the other results
+            log(f"  {protocol}: not measured: {error}")
+            results[protocol] = {"error": str(error)}
             continue
-        log(f"  {protocol}: {time.time() - start:.1f} s")
+        if result is not None:
+            results[protocol] = result
+            log(f"  {protocol}: {time.time() - start:.1f} s")
     return results
+
+
+def _run_protocol(protocol, feats, spec, train_x, train_y, test_x, test_y, device):
+    if protocol == "knn":
+        return knn_accuracy(train_x, train_y, test_x, test_y, standardize=spec.standardize, device=device)
+    if protocol == "perblock" and "block_cls" in feats["train"]:
+        blocks = sorted(feats["train"]["block_cls"])
+        return [knn_accuracy(feats["train"]["block_cls"][b], train_y, feats["val"]["block_cls"][b], test_y, ks=(10,),
+                             standardize=spec.standardize, device=device)[10] for b in blocks]
+    if protocol == "linear":
+        return linear_probe(train_x, train_y, test_x, test_y, epochs=spec.probe_epochs, seed=spec.seed, device=device)
+    if protocol == "lowshot":
+        return lowshot(train_x, train_y, test_x, test_y, spec.shots, spec.lowshot_splits, spec.seed)
+    if protocol == "cluster":
+        return cluster(test_x, test_y, seed=spec.seed, n_init=spec.kmeans_n_init)
+    return None
 
 
 def extract_splits(vit, loaders, spec, device=None, cache=None, log=print):
@@ -120,6 +128,9 @@ def format_table(title, results, pixels=None):
     def row(name, text, extra=""):
         lines.append(f"  {name:<30s}{text:<24s} {extra}".rstrip())
 
+    failed = {p: r["error"] for p, r in results.items() if isinstance(r, dict) and "error" in r}
+    results = {p: r for p, r in results.items() if p not in failed}
+
     if "knn" in results:
         ks = sorted(results["knn"], key=int)
         base = ""
@@ -140,6 +151,8 @@ def format_table(title, results, pixels=None):
     if "cluster" in results:
         c = results["cluster"]
         row("clustering ACC / NMI / ARI", f"{c['acc']:.1f} / {c['nmi']:.1f} / {c['ari']:.1f}")
+    for protocol, error in failed.items():
+        row(protocol, "not measured", error)
     return "\n".join(lines)
 
 

@@ -187,6 +187,8 @@ def lowshot(train_x, train_y, test_x, test_y, shots=(1, 2, 5), splits=3, seed=0,
     from sklearn.linear_model import LogisticRegression     # optional heavy import: only for low-shot
 
     _check_labels(torch.as_tensor(train_y), torch.as_tensor(test_y), "low-shot")
+    if len(np.unique(np.asarray(train_y))) < 2:
+        raise ValueError("low-shot classification needs at least 2 classes in the train split, the data has one.")
     train_x, test_x = lowshot_preprocess(train_x), lowshot_preprocess(test_x)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     results = {}

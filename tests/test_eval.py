@@ -334,6 +334,23 @@ def test_unlabelled_folder_is_refused(tmp_path):
         ev.main(["--ckpt", str(tmp_path / "c.pth"), "--data", str(tmp_path / "data"), "--num_workers", "0"])
 
 
+def test_one_class_data_keeps_every_result_that_can_be_measured(tmp_path):
+    """Low-shot needs two classes: on one-class data it says so, and the k-NN, probe and clustering results
+    measured before and after it are still printed and written."""
+    from PIL import Image
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "only").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (32, 32), (30 * i, 10, 0)).save(tmp_path / "data" / split / "only" / f"{i}.png")
+    write_our_checkpoint(tmp_path / "c.pth")
+    ev.main(["--ckpt", str(tmp_path / "c.pth"), "--data", str(tmp_path / "data"), "--protocol", "all",
+             "--num_workers", "0", "--img_size", "32", "--probe_epochs", "2", "--kmeans_n_init", "1",
+             "--out_dir", str(tmp_path / "out")])
+    record = json.loads(open(tmp_path / "out" / "eval.jsonl").readline())
+    assert record["knn"]["10"] == 100.0 and record["linear"]["best"] == 100.0 and "acc" in record["cluster"]
+    assert "2 classes" in record["lowshot"]["error"]
+
+
 def write_our_checkpoint(path, seed=0):
     torch.manual_seed(seed)
     vit = create_vit("vit_micro")
