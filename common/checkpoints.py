@@ -45,23 +45,79 @@ FRESH_MODEL_KEYS = re.compile(r"^(decoder_|decoder\.|mask_token$)")
 HEADS_BY_WIDTH = {64: 2, 192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 2560: 32}
 
 
+TMP_PREFIX = ".tmp_"
+_UMASK = os.umask(0)                 # read the process umask once (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
 class CheckpointError(ValueError):
     pass
 
 
 def save_checkpoint(path, obj):
-    """torch.save to a temporary file in the same directory, then os.replace: a crash never leaves a torn file."""
+    """Atomic write: torch.save to a temporary file in the same directory, flushed to the disk (fsync), then
+    os.replace and an fsync of the directory, so that a crash or a kill at any moment leaves either the old file or
+    the new one, never a torn one. The file gets the usual permissions (0666 minus the umask), like every other
+    output of a run. A failed write (full disk) removes its temporary file and raises OSError."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pth")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=".pth")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    try:                                     # the rename itself reaches the disk with the directory's entry
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:                          # pragma: no cover - platforms without directory descriptors
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:                          # pragma: no cover
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def remove_orphans(directory):
+    """Delete the temporary files a write killed mid-way left in `directory` (call it only while no other process
+    writes there, i.e. holding the run directory's lock). Returns their names."""
+    if not os.path.isdir(directory):
+        return []
+    orphans = [name for name in os.listdir(directory) if name.startswith(TMP_PREFIX) and name.endswith(".pth")]
+    for name in orphans:
+        os.remove(os.path.join(directory, name))
+    return orphans
+
+
+def read_training_checkpoint(path, script):
+    """A checkpoint of our training loop, to continue from (--resume): loaded with weights_only=True, and checked to
+    be one of `script`'s. Anything else (missing, empty, truncated, not a checkpoint, another script's) is a
+    CheckpointError of one sentence naming the file and what to do."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--resume {path} does not exist; give a checkpoint file of this run or 'auto' "
+                              "(the run directory's checkpoint-last.pth).")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"--resume {path} cannot be read as a checkpoint ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0][:120] if str(error) else 'empty'}); it is truncated or not "
+                              "one of ours: delete it to start fresh, or give another checkpoint.") from None
+    missing = [k for k in ("model", "optimizer", "step", "rng") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"--resume {path} is not a training checkpoint of this code (no {', '.join(missing)}); "
+                              "use --ckpt to start from its weights instead.")
+    written_by = ckpt.get("args", {}).get("script")
+    if written_by and written_by != script:
+        raise CheckpointError(f"--resume {path} was written by {written_by}.py, not {script}.py; resume it with "
+                              f"{written_by}.py, or use --ckpt to start from its weights.")
+    return ckpt
 
 
 def read_file(path_or_url):
@@ -210,7 +266,7 @@ def load_pretrained(model, path_or_url, use_ema=False, obj=None):
             parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:6])}"
                          f"{', ...' if len(unexpected) > 6 else ''})")
         raise CheckpointError(f"{path_or_url} (read as {fmt}) does not fit this model: {'; '.join(parts)}; "
-                              "check --model / --patch_size match the checkpoint.")
+                              "check that --model is the checkpoint's size.")
 
     pos_key = prefix + "pos_embed"
     if pos_key in sd and sd[pos_key].shape != target[pos_key].shape:
@@ -225,7 +281,7 @@ def load_pretrained(model, path_or_url, use_ema=False, obj=None):
     for key in sd:
         if key in target and sd[key].shape != target[key].shape:
             raise CheckpointError(f"{path_or_url}: {key} has shape {tuple(sd[key].shape)} in the file but "
-                                  f"{tuple(target[key].shape)} in the model; check --model / --patch_size.")
+                                  f"{tuple(target[key].shape)} in the model; check that --model is the checkpoint's size.")
     model.load_state_dict({k: v for k, v in sd.items() if k in target}, strict=False)
     if fresh:
         notes.append(f"{len(fresh)} decoder keys not in the file: the decoder starts fresh")
@@ -244,8 +300,9 @@ def infer_vit_config(sd, fmt=""):
     side = _square_grid(sd["pos_embed"].shape[1] - 1, "checkpoint")
     heads = 12 if fmt == "moco_v3" and embed_dim == 384 else HEADS_BY_WIDTH.get(embed_dim)
     if heads is None:
-        raise CheckpointError(f"cannot tell the number of heads of a {embed_dim}-wide ViT from its weights; "
-                              "build it with create_vit(..., num_heads=N) and call load_pretrained.")
+        raise CheckpointError(f"cannot tell the number of heads of a {embed_dim}-wide ViT from its weights (the "
+                              f"standard widths are {', '.join(map(str, HEADS_BY_WIDTH))}); use a checkpoint of a "
+                              "standard size, or one written by our scripts (which stores it).")
     return dict(name=preset_of(embed_dim, depth, heads, patch), embed_dim=embed_dim, depth=depth, num_heads=heads,
                 patch_size=patch, img_size=side * patch, post_norm="embed_norm.weight" in sd)
 

@@ -21,6 +21,7 @@ import math
 import os
 
 from common.protocols import parse_protocols
+from common.vit import PRESETS
 
 SHARED_FLAGS = [
     ("--data", dict(default=None, help="None/'builtin' = the built-in shapes dataset; a folder with train/<class>/ "
@@ -100,6 +101,7 @@ def parse_args(script, recipes, add_arguments=None, argv=None, description=None,
     if model not in recipes:
         raise SystemExit(f"--model {model!r} is not a preset of {script}.py; choose one of {', '.join(recipes)}.")
     args = build_parser(script, recipes, add_arguments, description, default_model, model).parse_args(argv)
+    args.script = script                      # saved in config.json and the checkpoints: --resume checks it
     check(args)
     return args
 
@@ -128,6 +130,10 @@ def check(args):
         args.eval = "none"
     for flag in ("batch_size", "max_steps", "img_size"):
         number(flag, 1, allow_none=True)
+    preset = PRESETS.get(getattr(args, "model", "").removesuffix("_aug"))
+    if args.img_size is not None and preset is not None and args.img_size % preset[3]:
+        _fail("img_size", args.img_size, f"is not a multiple of the {args.model} patch size {preset[3]}; give a "
+              f"multiple of it (the preset's own is {preset[4]})")
     number("num_workers", 0, allow_none=True)
     number("blr", 0.0, low_open=True)
     number("lr", 0.0, low_open=True, allow_none=True)

@@ -42,7 +42,11 @@ try:
     import resource                                    # POSIX: peak memory of this process on CPU runs
 except ImportError:                                    # pragma: no cover - Windows
     resource = None
-from common.checkpoints import save_checkpoint
+try:
+    import fcntl                                       # POSIX: the run directory's lock
+except ImportError:                                    # pragma: no cover - Windows: runs are not locked
+    fcntl = None
+from common.checkpoints import CheckpointError, read_training_checkpoint, remove_orphans, save_checkpoint
 from common.optim import EMA, cosine_lr, scaled_lr, set_lr
 from common.vit import vit_config
 
@@ -79,9 +83,48 @@ def setup(args, lr_factor=1, accumulate=True):
     if dist.is_main:
         print(f"[trainer] global batch {args.global_batch} = {args.batch_size} per process x {dist.world_size} "
               f"processes x {args.accum_iter} accumulation steps", flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
+        lock_run_dir(args.output_dir)
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, format="[%(name)s] %(message)s")
     return dist
+
+
+_LOCKS = {}   # run directory -> the open lock file of this process (the lock lasts as long as the process)
+
+
+def lock_run_dir(run_dir):
+    """Hold OUTPUT_DIR for this process: an exclusive flock on OUTPUT_DIR/.lock, released by the operating system
+    when the process ends in any way (SIGKILL included), so a killed run never leaves it stuck. A directory held by
+    another live process ends this run with one sentence. With the lock held, temporary files of writes that a
+    kill interrupted are removed (OUTPUT_DIR and its stage subdirectories). Also checks the directory is writable."""
+    run_dir = os.path.abspath(run_dir)
+    if run_dir not in _LOCKS:
+        _LOCKS[run_dir] = _acquire(run_dir)
+    for folder in [run_dir] + [e.path for e in os.scandir(run_dir) if e.is_dir()]:
+        for name in remove_orphans(folder):
+            print(f"[trainer] removed {os.path.join(folder, name)}, left by a write that was interrupted")
+
+
+def _acquire(run_dir):
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        handle = open(os.path.join(run_dir, ".lock"), "a+")
+    except OSError as error:
+        raise SystemExit(f"--output_dir {run_dir} cannot be written ({error.strerror}); give a folder you can write "
+                         "to.") from None
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise SystemExit(f"--output_dir {run_dir} is in use by a live run ({owner}); wait for it to finish, or "
+                             "give another --output_dir.") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started {datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    handle.flush()
+    return handle
 
 
 def resolve_dtype(name, device):
@@ -151,8 +194,11 @@ class RunLogger:
             return
         record = {"step": step, "epoch": epoch, **{k: jsonable(v.item() if torch.is_tensor(v) else v)
                                                    for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as error:             # a full disk loses a log line, not the run (the save says more)
+            print(f"[trainer] could not append to {self.path} ({error.strerror}); training goes on", flush=True)
         parts = [f"step {step}", f"epoch {epoch:.2f}" if isinstance(epoch, float) else f"epoch {epoch}"]
         for key, value in record.items():
             if key in ("step", "epoch"):
@@ -170,6 +216,19 @@ class RunLogger:
             else:
                 parts.append(f"{key} {value}")
         print(" | ".join(parts), flush=True)
+
+    def truncate(self, last_step):
+        """Keep the log.jsonl records up to `last_step` (a resumed run logs the later steps again)."""
+        if not self.is_main or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+        if len(kept) < len(lines):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
 
     def plot_losses(self):
         """Every numeric key starting with 'loss' against the step, from log.jsonl, into loss.png."""
@@ -212,6 +271,12 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _all_finite(state_dict):
+    """True when every floating-point tensor of a state dict is finite (one reduction, one host sync)."""
+    checks = [torch.isfinite(t).all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def _move(batch, device):
     if torch.is_tensor(batch):
         return batch.to(device, non_blocking=True)
@@ -242,9 +307,10 @@ def stage_plan(args, stages):
         if len(wanted) > 1 and os.path.isfile(os.path.join(stage_dir(args, stages[-1], stages), LAST_CHECKPOINT)):
             plan = {stages[-1]: "auto"}
         return plan
-    if not os.path.isfile(args.resume):
-        raise SystemExit(f"--resume {args.resume!r} does not exist; give a checkpoint file or 'auto'.")
-    stage = torch.load(args.resume, map_location="cpu", weights_only=True).get("args", {}).get("run_stage")
+    try:
+        stage = read_training_checkpoint(args.resume, args.script)["args"].get("run_stage")
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
     if stage not in wanted:
         raise SystemExit(f"--resume {args.resume!r} was not written by a {' / '.join(wanted)} stage of this script; "
                          "resume with the --stage that wrote it, or use --ckpt to start from its weights.")
@@ -458,36 +524,59 @@ class Trainer:
         return state
 
     def save(self, path=None):
-        """Write the checkpoint atomically (main rank; every rank must call it under DDP)."""
+        """Write the checkpoint atomically (main rank; every rank must call it under DDP). Weights that are not
+        finite (an update diverged, even with a finite loss) are never written: the run stops and the last good
+        checkpoint stays. A failed write (full disk) stops the run with the previous checkpoint intact."""
         state = self.state()
         path = path or self.checkpoint_path
+        if not _all_finite(state["model"]) or not _all_finite(state.get("encoder_ema", {})):
+            self._restore_signal_handlers()
+            raise SystemExit(f"the weights are not finite after step {self.global_step} (epoch {self.epoch}): an "
+                             f"update diverged, so they were not saved; {self._kept()}. Lower --lr / --blr, raise "
+                             "--warmup_epochs, or use --dtype fp32 to find the cause.")
         if self.dist.is_main:
-            save_checkpoint(path, state)
+            try:
+                save_checkpoint(path, state)
+            except OSError as error:
+                self._restore_signal_handlers()
+                raise SystemExit(f"could not write the checkpoint {path} ({error.strerror}); the previous one is "
+                                 "kept: free disk space (or fix the folder) and continue with --resume auto.") from None
         self.last_checkpoint_step = self.global_step
         return path
 
+    def _kept(self):
+        if self.last_checkpoint_step is None:
+            return "no checkpoint was written before"
+        return f"the last good checkpoint {self.checkpoint_path} (step {self.last_checkpoint_step}) is kept"
+
     def _load(self, resume):
         path = self.checkpoint_path if resume == "auto" else resume
-        if not os.path.exists(path):
-            if resume == "auto":
-                if self.dist.is_main:
-                    print(f"[trainer] --resume auto: no {path} yet, starting from scratch")
-                return
-            raise SystemExit(f"--resume {resume!r} does not exist; give a checkpoint file or 'auto' "
-                             f"(= OUTPUT_DIR/{LAST_CHECKPOINT}).")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in ("model", "optimizer", "step", "rng") if k not in ckpt]
-        if missing:
-            raise SystemExit(f"--resume {path!r} is not a training checkpoint of this code (no {missing}); "
-                             "use --ckpt to start from pre-trained weights instead.")
-        self.module.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if resume == "auto" and not os.path.exists(path):
+            if self.dist.is_main:
+                print(f"[trainer] --resume auto: no {path} yet, starting from scratch")
+            return
+        try:
+            ckpt = read_training_checkpoint(path, self.args.script)
+        except CheckpointError as error:
+            raise SystemExit(str(error)) from None
+        written_for = ckpt["args"].get("model")
+        if written_for and written_for != self.args.model:
+            raise SystemExit(f"--resume {path} was written for --model {written_for}, this run is --model "
+                             f"{self.args.model}; resume with --model {written_for}, or start fresh.")
+        try:
+            self.module.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.encoder_ema is not None and "encoder_ema" in ckpt:
+                self.encoder_ema.load_state_dict(ckpt["encoder_ema"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise SystemExit(f"--resume {path} does not fit this run's model or optimizer "
+                             f"({str(error).splitlines()[0][:160]}); resume with the flags that wrote it, or start "
+                             "fresh.") from None
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
-        if self.encoder_ema is not None and "encoder_ema" in ckpt:
-            self.encoder_ema.load_state_dict(ckpt["encoder_ema"])
         self.global_step = self.last_checkpoint_step = int(ckpt["step"])
         self._resume_rng = ckpt["rng"]
+        self.logger.truncate(self.global_step)
         if self.dist.is_main:
             if ckpt.get("steps_per_epoch") != self.steps_per_epoch or ckpt.get("world_size") != self.dist.world_size:
                 print(f"[trainer] warning: {path} was written with {ckpt.get('steps_per_epoch')} steps/epoch on "
@@ -508,11 +597,10 @@ class Trainer:
             self._stop_signal = received or "a signal on another rank"
         value = float(flags[0])
         if not math.isfinite(value):
-            kept = (f"the last good checkpoint {self.checkpoint_path} (step {self.last_checkpoint_step}) is kept"
-                    if self.last_checkpoint_step is not None else "no checkpoint was written before it")
             self._restore_signal_handlers()
-            raise SystemExit(f"loss is {value} at step {self.global_step + 1} (epoch {self.epoch}); stopping: {kept}. "
-                             "Lower --lr / --blr, raise --warmup_epochs, or use --dtype fp32 to find the cause.")
+            raise SystemExit(f"loss is {value} at step {self.global_step + 1} (epoch {self.epoch}); stopping: "
+                             f"{self._kept()}. Lower --lr / --blr, raise --warmup_epochs, or use --dtype fp32 to find "
+                             "the cause.")
         return value
 
     def _accumulate(self, **metrics):

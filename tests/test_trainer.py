@@ -307,5 +307,5 @@ def test_checkpoint_follows_our_format_and_rebuilds_the_encoder(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     trainer.module.encoder.eval()
     assert torch.allclose(vit.eval().forward_features(images), trainer.module.encoder.forward_features(images))
-    with pytest.raises(SystemExit, match="--resume '.*missing.pth' does not exist"):
+    with pytest.raises(SystemExit, match="--resume .*missing.pth does not exist"):
         train(tmp_path, "--resume", str(tmp_path / "missing.pth"))
