@@ -347,6 +347,13 @@ def main(argv=None):
     curves, records = {}, []
     for ckpt in args.ckpt:
         vit, name, weights, out_dir = _load(ckpt, args, device)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "eval.jsonl"), "a"):
+                pass
+        except OSError as error:
+            raise SystemExit(f"--out_dir {out_dir} cannot be written ({error.strerror}); give a folder you can "
+                             "write to with --out_dir.") from None
         if vit is None:
             spec_here = dataclasses.replace(spec, protocols=tuple(p for p in spec.protocols if p != "perblock"))
             img_size = args.img_size or default_img_size(args.data)

@@ -216,5 +216,8 @@ def cached(cache_path, key, compute, log=print, usable=lambda features: True):
         return None
     features = compute()
     if cache_path and rank() == 0:
-        save_checkpoint(cache_path, {"key": json.loads(json.dumps(key)), "features": features})
+        try:
+            save_checkpoint(cache_path, {"key": json.loads(json.dumps(key)), "features": features})
+        except OSError as error:                         # the cache only saves time: evaluate without it
+            log(f"could not store the feature cache {cache_path} ({error.strerror}); going on without it")
     return features

@@ -242,6 +242,13 @@ def test_an_unwritable_output_dir_is_one_sentence(tmp_path):
             mae.main(TINY_MAE + ["--output_dir", str(run_dir)])
 
 
+def test_an_unwritable_eval_out_dir_is_one_sentence(tmp_path, micro_checkpoint):
+    micro_checkpoint(tmp_path / "c.pth")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="--out_dir .* cannot be written"):
+        evaluation.main(["--ckpt", str(tmp_path / "c.pth"), "--out_dir", str(tmp_path / "file" / "out")])
+
+
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     mae.main(TINY_MAE + ["--output_dir", str(tmp_path), "--max_steps", "2"])
     before = (tmp_path / "checkpoint-last.pth").read_bytes()
