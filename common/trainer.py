@@ -325,12 +325,15 @@ class Trainer:
 
     Iterating yields the batches (moved to dist.device) of the remaining epochs, resuming at the exact batch of a
     checkpoint; each epoch starts with model.train(); before each optimizer step's first micro-batch it sets the LR
-    (warm-up then cosine, per step, over args.epochs). `step(loss, **metrics)` checks the loss (a NaN/inf stops the
-    run naming the step, keeping the last good checkpoint), runs backward (GradScaler for fp16, gradient
-    accumulation) and on the last micro-batch clips (--clip_grad), steps the optimizer, zeroes the grads, logs
-    every --log_every steps and returns True. Checkpoints (atomic, RUN_DIR/checkpoint-last.pth) are written every
-    --ckpt_every_epochs epochs, at --max_steps, on SIGTERM/SIGUSR1 (then the process exits with status 0 after
-    saving; resume with --resume auto) and by `finish()`.
+    (warm-up then cosine, per step, over args.epochs). `step(loss, **metrics)` runs backward (GradScaler for fp16,
+    gradient accumulation) and on the last micro-batch clips (--clip_grad), steps the optimizer, zeroes the grads,
+    logs every --log_every steps and returns True. The loss and the metrics stay on the device: the trainer
+    synchronises with the host only at log steps (one all-reduce and one copy: the averaged metrics, the NaN/inf
+    check, the agreement of all ranks on a stop signal) and before a save, so a non-finite loss is caught at most
+    --log_every steps late, naming the step where it first appeared, and never reaches a checkpoint (the last good
+    one is kept). Checkpoints (atomic, RUN_DIR/checkpoint-last.pth) are written every --ckpt_every_epochs epochs, at
+    --max_steps, on SIGTERM/SIGUSR1 (then the process exits with status 0 after saving; resume with --resume auto;
+    with several processes the signal is acted on at the next log step) and by `finish()`.
 
     model: the module whose forward is used (may be DDP/compiled); its unwrapped state dict is saved as 'model'.
     encoder: the ViT inside it (saved as 'encoder' = its encoder_state_dict(), with 'vit' = its create_vit
@@ -362,7 +365,7 @@ class Trainer:
         self._micro, self._pending_backward = 0, False
         self._signal_received = None                        # set by the handler on this rank
         self._stop_signal = None                            # set when all ranks know of a signal
-        self._meter, self._meter_count = {}, 0
+        self._reset_meters()
         self._resume_rng = None
         self._previous_handlers = {}
         if args.resume:
@@ -470,13 +473,12 @@ class Trainer:
         """Backward for this micro-batch; on the last one of the accumulation, the optimizer step. Returns True
         when the optimizer stepped (then update EMAs / target networks). metrics: floats or tensors to log."""
         self._pending_backward = False
-        loss_value = self._check_loss(loss)
+        self._accumulate(loss, metrics)
         scaled = loss / self.accum_iter
         if self.scaler is not None:
             self.scaler.scale(scaled).backward()
         else:
             scaled.backward()
-        self._accumulate(loss=loss_value, **metrics)
         self._micro = (self._micro + 1) % self.accum_iter
         if self._micro != 0:
             return False
@@ -493,7 +495,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         if self.global_step % self.args.log_every == 0 or self.global_step == self.total_steps:
-            self._log()
+            self._log(self._agree())
+        elif self.dist.world_size == 1 and self._signal_received is not None:
+            self._stop_signal = self._signal_received       # one process: no agreement needed, act at this step
         return True
 
     def finish(self):
@@ -527,6 +531,8 @@ class Trainer:
         """Write the checkpoint atomically (main rank; every rank must call it under DDP). Weights that are not
         finite (an update diverged, even with a finite loss) are never written: the run stops and the last good
         checkpoint stays. A failed write (full disk) stops the run with the previous checkpoint intact."""
+        if self._meter_count:                               # losses since the last log step: check them first
+            self._agree(reset=False)
         state = self.state()
         path = path or self.checkpoint_path
         if not _all_finite(state["model"]) or not _all_finite(state.get("encoder_ema", {})):
@@ -586,40 +592,58 @@ class Trainer:
                   f"(epoch {self.global_step // self.steps_per_epoch})")
 
     # -- internals -------------------------------------------------------------------------------------
-    def _check_loss(self, loss):
-        """Returns the loss as a float (averaged over ranks); stops the run on NaN/inf on any rank."""
-        received = self._signal_received                    # read once: the handler may fire at any time
-        flags = torch.tensor([float(loss.detach().float()), float(received is not None)], dtype=torch.float64,
-                             device=self.device)
-        distributed.all_reduce_sum(flags)                   # agree on NaN/inf and on signals across ranks
-        flags[0] /= self.dist.world_size
-        if flags[1] > 0 and self._stop_signal is None:      # every rank sets it at the same micro-batch
-            self._stop_signal = received or "a signal on another rank"
-        value = float(flags[0])
-        if not math.isfinite(value):
-            self._restore_signal_handlers()
-            raise SystemExit(f"loss is {value} at step {self.global_step + 1} (epoch {self.epoch}); stopping: "
-                             f"{self._kept()}. Lower --lr / --blr, raise --warmup_epochs, or use --dtype fp32 to find "
-                             "the cause.")
-        return value
+    def _reset_meters(self):
+        self._meter, self._meter_count = {}, 0
+        self._bad_losses = torch.zeros((), dtype=torch.float64, device=self.device)   # non-finite losses so far
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)   # the first one's step
 
-    def _accumulate(self, **metrics):
-        for key, value in metrics.items():
-            value = float(value.detach().float()) if torch.is_tensor(value) else float(value)
-            self._meter[key] = self._meter.get(key, 0.0) + value
+    def _accumulate(self, loss, metrics):
+        """Sum the loss and the metrics on the device (no host synchronisation per micro-batch); remember the
+        first step whose loss is not finite."""
+        loss = loss.detach().double()
+        bad = ~torch.isfinite(loss)
+        self._first_bad = torch.where(bad & (self._first_bad < 0), self.global_step + 1, self._first_bad)
+        self._bad_losses = self._bad_losses + bad
+        for key, value in (("loss", loss), *metrics.items()):
+            value = value.detach().double() if torch.is_tensor(value) else torch.tensor(float(value), device=self.device,
+                                                                                       dtype=torch.float64)
+            self._meter[key] = self._meter[key] + value if key in self._meter else value
         self._meter_count += 1
 
-    def _log(self):
+    def _agree(self, reset=True):
+        """The log-step synchronisation: one all-reduce of [metric sums..., non-finite losses, signal] over the
+        ranks and one copy to the host. Stops the run on a non-finite loss of any rank (naming the first step this
+        rank saw), records a signal every rank now knows of, and returns the metrics averaged over the micro-batches
+        and ranks since the last log step (reset=False keeps summing them: the check before a save)."""
+        received = self._signal_received                    # read once: the handler may fire at any time
+        keys = list(self._meter)
+        sums = torch.stack([self._meter[k] for k in keys] + [
+            self._bad_losses, torch.tensor(float(received is not None), dtype=torch.float64, device=self.device)])
+        sums = distributed.all_reduce_sum(sums)
+        host = torch.cat([sums, self._first_bad.double().view(1)]).tolist()
+        bad, votes, first_bad = host[len(keys)], host[len(keys) + 1], int(host[len(keys) + 2])
+        if bad > 0:
+            where = f"at step {first_bad}" if first_bad > 0 else "on another rank"
+            self._restore_signal_handlers()
+            raise SystemExit(f"loss is not finite {where} (epoch {self.epoch}); stopping: {self._kept()}. Lower --lr / "
+                             "--blr, raise --warmup_epochs, or use --dtype fp32 to find the cause.")
+        if votes > 0 and self._stop_signal is None:         # every rank sets it at the same step
+            self._stop_signal = received or "a signal on another rank"
+        count = max(self._meter_count * self.dist.world_size, 1)
+        metrics = {k: v / count for k, v in zip(keys, host[:len(keys)])}
+        if reset:
+            self._reset_meters()
+        return metrics
+
+    def _log(self, metrics):
         now = time.perf_counter()
         steps = self.global_step - self._tick_step
         elapsed = max(now - self._tick, 1e-9)
         images = steps * self.args.global_batch
-        metrics = {k: v / max(self._meter_count, 1) for k, v in self._meter.items()}
         metrics.update(lr=self.lr, img_s=images / elapsed,
                        eta_s=(self.total_steps - self.global_step) * elapsed / max(steps, 1),
                        mem_gb=_peak_memory_gb(self.device))
         self.logger.log(self.global_step, round(self.global_step / self.steps_per_epoch, 3), **metrics)
-        self._meter, self._meter_count = {}, 0
         self._tick, self._tick_step = now, self.global_step
 
     def _should_stop(self):

@@ -229,8 +229,9 @@ def random_crop(size):
                        *data.to_normalized_tensor()])
 
 
-def train(run_dir, *flags, on_step=None, poison_step=None):
-    """Run the Trainer loop as a method script would; returns (losses per micro-batch, trainer, ema)."""
+def train(run_dir, *flags, on_step=None, poison_step=None, count_loss=True):
+    """Run the Trainer loop as a method script would; returns (losses per micro-batch, trainer, ema).
+    count_loss=False: do not read the losses on the host here (a test that counts host transfers)."""
     args = parse(run_dir, *flags)
     dist = training.setup(args)
     dataset = data.build_dataset(None, "train", random_crop(32), seed=args.seed, n_per_class=4)
@@ -246,7 +247,8 @@ def train(run_dir, *flags, on_step=None, poison_step=None):
             loss = model(images, labels)
         if poison_step is not None and trainer.global_step + 1 == poison_step:
             loss = loss * float("nan")
-        losses.append(loss.item())
+        if count_loss:
+            losses.append(loss.item())
         if trainer.step(loss):
             ema.update(model.encoder)
             if on_step is not None:
@@ -287,8 +289,42 @@ def test_resume_after_max_steps_and_sigterm_is_bit_identical(tmp_path, accum_ite
         assert torch.equal(a, b)
 
 
+HOST_TRANSFERS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")   # each waits for the device
+
+
+def count_host_transfers(monkeypatch):
+    """Count the tensor-to-host transfers made by the trainer's own code (common/trainer.py, common/distributed.py);
+    the model, the data pipeline and the optimizer are not the trainer's."""
+    counts = {"n": 0}
+    ours = (os.path.join("common", "trainer.py"), os.path.join("common", "distributed.py"))
+    for name in HOST_TRANSFERS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_code.co_filename.endswith(ours):
+                counts["n"] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def test_the_trainer_synchronises_with_the_host_per_log_step_not_per_micro_batch(tmp_path, monkeypatch):
+    """The same 10 optimizer steps of a global batch of 8, as 1 micro-batch of 8 or 4 micro-batches of 2: the values
+    copied to the host (loss and metric checks, logging) do not grow with the micro-batches between log steps."""
+    counts = count_host_transfers(monkeypatch)
+    per_run = {}
+    for micro in (8, 2):
+        counts["n"] = 0
+        losses, _, _ = train(tmp_path / f"micro{micro}", "--batch_size", str(micro), "--log_every", "5",
+                             count_loss=False)
+        per_run[micro] = counts["n"]
+    assert per_run[2] == per_run[8], per_run
+    # 2 log steps, 2 epoch-end saves (each checks the weights and the losses since the last log): a handful in all
+    assert 0 < per_run[8] <= 8, per_run
+
+
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match=r"loss is nan at step 7 \(epoch 1\); stopping: the last good checkpoint "
+    with pytest.raises(SystemExit, match=r"loss is not finite at step 7 \(epoch 1\); stopping: the last good checkpoint "
                                          r".*checkpoint-last.pth \(step 5\) is kept"):
         train(tmp_path, poison_step=7)
     ckpt = torch.load(tmp_path / training.LAST_CHECKPOINT, weights_only=True)
