@@ -79,10 +79,10 @@ from common.vit import PRESETS, Block, VisionTransformer, get_2d_sincos_pos_embe
 PAPER = dict(epochs=800, global_batch=4096, batch_size=64, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05,
              crop_min=0.2, mask_ratio=0.75, decoder=[512, 8, 16])
 CPU = dict(epochs=40, global_batch=128, blr=1.5e-3, warmup_epochs=4, weight_decay=0.05, crop_min=0.2,
-           mask_ratio=0.75, log_every=10)
+           mask_ratio=0.75, log_every=10, knn_every=5)
 RECIPES = {
     "vit_mini": dict(CPU, decoder=[128, 2, 4]),       # the built-in data on a 2-core CPU (MAE Table 1a: a shallow
-    "vit_micro": dict(CPU, decoder=[32, 1, 2]),       # decoder still works); vit_micro: tests only
+    "vit_micro": dict(CPU, decoder=[32, 1, 2], knn_every=0),   # decoder still works); vit_micro: tests only
     **{name: PAPER for name in ("vit_t", "vit_s", "vit_b", "vit_l", "vit_h", "vit_2b")},
 }
 
@@ -283,7 +283,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(optim.param_groups(model.named_parameters(), args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.95))
     ddp_model = distributed.wrap_ddp(model, dist, compile=args.compile)
-    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=model)
+    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=model,
+                           monitor=evaluation.monitor(model, args, dist))
     if dist.is_main:
         print(f"[mae] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{run.total_steps} steps", flush=True)

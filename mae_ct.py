@@ -112,9 +112,9 @@ H = dict(PAPER, global_batch=512, epochs=30, warmup_epochs=6, temperature=0.30, 
 AUG = dict(aug="byol", head_blr=5e-4)                            # MAE-CT_aug's stage 3 head LR (stage 2: 1e-4)
 CPU = dict(PAPER, aug="byol", crop_min=0.3, global_batch=128, init_epochs=2, init_warmup_epochs=0.2 * 2, epochs=3,
            warmup_epochs=0.2 * 3, temperature=0.15, init_temperature=0.15, topk=20, target_momentum=0.99,
-           pooling="mean", init_blr=1e-3, blr=1e-3, head_blr=1e-3, ema_decay=0.999, queue_size=4096)
+           pooling="mean", init_blr=1e-3, blr=1e-3, head_blr=1e-3, ema_decay=0.999, queue_size=4096, knn_every=1)
 RECIPES = {
-    "vit_mini": dict(CPU, freeze_blocks=3), "vit_micro": dict(CPU, freeze_blocks=2),
+    "vit_mini": dict(CPU, freeze_blocks=3), "vit_micro": dict(CPU, freeze_blocks=2, knn_every=0),
     "vit_b": B, "vit_l": L, "vit_h": H,
     "vit_b_aug": dict(B, **AUG, epochs=80, warmup_epochs=16, topk=10),
     "vit_l_aug": dict(L, **AUG, epochs=40, warmup_epochs=8, topk=10),
@@ -378,8 +378,9 @@ def run_stage(stage, args, dist, model, loader, resume):
     # rank by construction. DDP is rebuilt per stage because the set of trainable parameters changes.
     ddp_model = distributed.wrap_ddp(model, dist, compile=args.compile, broadcast_buffers=False)
     encoder_ema = optim.EMA(model.encoder, args.ema_decay) if tuning and args.ema_decay > 0 else None
+    monitor = evaluation.monitor(model.encoder, args, dist, evaluation.Spec(tokens=args.pooling)) if tuning else None
     run = training.Trainer(stage_args, ddp_model, optimizer, loader, dist, encoder=model.encoder,
-                           encoder_ema=encoder_ema, run_dir=training.stage_dir(args, stage, STAGES))
+                           encoder_ema=encoder_ema, run_dir=training.stage_dir(args, stage, STAGES), monitor=monitor)
     if dist.is_main:
         print(f"[mae_ct] stage {stage}: {stage_args.epochs} epochs, lr encoder {stage_args.lr if tuning else 0:.3g} "
               f"head {head_lr:.3g}, tau {temperature}, top-{topk}, frozen blocks "

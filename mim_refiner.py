@@ -87,7 +87,8 @@ STAGES = ("init", "refine")
 # ----------------------------------------------------------------------------------------------------------
 PAPER = dict(img_size=224, n_local=10, init_epochs=20, init_warmup_epochs=4, init_blr=2e-4, blr=4e-4,
              warmup_epochs=4, min_lr=1e-6, weight_decay=0.05, head_weight_decay=1e-5, layer_decay=0.65, topk=20,
-             queue_size=65536, proj_hidden_dim=2048, out_dim=256, pred_hidden_dim=4096, ema_decay=0.9999)
+             queue_size=65536, proj_hidden_dim=2048, out_dim=256, pred_hidden_dim=4096, ema_decay=0.9999,
+             knn_every=1)                          # the official k-NN callback: every epoch on 10 % of the data
 L16 = dict(PAPER, global_batch=1024, temperature=0.2, local_size=96, epochs=30, freeze_blocks=0)
 RECIPES = {
     "vit_mini": dict(PAPER, img_size=32, local_size=16, n_local=4, global_batch=32, temperature=0.2,
@@ -96,7 +97,7 @@ RECIPES = {
                      ema_decay=0.99),
     "vit_micro": dict(PAPER, img_size=32, local_size=16, n_local=2, global_batch=16, temperature=0.2,
                       init_epochs=1, epochs=1, init_warmup_epochs=0, warmup_epochs=0, freeze_blocks=0,
-                      queue_size=256, proj_hidden_dim=64, out_dim=32, pred_hidden_dim=64, ema_decay=0.99),
+                      queue_size=256, proj_hidden_dim=64, out_dim=32, pred_hidden_dim=64, ema_decay=0.99, knn_every=0),
     "vit_l": L16,
     "vit_h": dict(PAPER, global_batch=512, temperature=0.3, local_size=98, epochs=30, freeze_blocks=0),
     "vit_2b": dict(PAPER, global_batch=512, temperature=0.35, local_size=98, epochs=20, freeze_blocks=6),
@@ -425,8 +426,10 @@ def run_stage(stage, args, refiner, loader, dist, resume, ema=None):
     # No per-step buffer broadcast: every rank writes the same gathered rows into its queues (12 x 64 MB for H/14).
     model = distributed.wrap_ddp(refiner, dist, find_unused_parameters=FINAL not in refiner.head_blocks,
                                  broadcast_buffers=False)
+    monitor = (evaluation.monitor(ema.module, args, dist, evaluation.Spec(final_norm=False, standardize=True))
+               if stage == "refine" else None)           # the paper's k-NN of the EMA encoder, on 10 % of the data
     run = training.Trainer(stage_args, model, optimizer, loader, dist, encoder=refiner.encoder, encoder_ema=ema,
-                           run_dir=training.stage_dir(args, stage, STAGES))
+                           run_dir=training.stage_dir(args, stage, STAGES), monitor=monitor)
     if dist.is_main:
         print(f"[mim_refiner] stage {stage}: {stage_args.epochs} epochs x {run.steps_per_epoch} steps, "
               f"lr {stage_args.lr:.3g}, top-{topk}, heads {', '.join(refiner.heads)}", flush=True)

@@ -80,10 +80,10 @@ MASK_RATIO = {"mae": 0.75, "full": 0.6}                 # MAE's / SimMIM's ratio
 PAPER = dict(epochs=100, global_batch=2048, batch_size=128, blr=1.5e-4, warmup_epochs=10, weight_decay=0.05,
              predictor=[512, 8, 16], proj_hidden_dim=2048)
 CPU = dict(epochs=16, global_batch=128, blr=1.5e-3, warmup_epochs=2, weight_decay=0.05, log_every=10,
-           eval_teacher=True)
+           eval_teacher=True, knn_every=4)
 RECIPES = {
     "vit_mini": dict(CPU, predictor=[128, 2, 4], proj_hidden_dim=512),
-    "vit_micro": dict(CPU, predictor=[32, 1, 2], proj_hidden_dim=64),      # tests only
+    "vit_micro": dict(CPU, predictor=[32, 1, 2], proj_hidden_dim=64, knn_every=0),      # tests only
     **{name: PAPER for name in ("vit_s", "vit_t", "vit_b", "vit_l", "vit_h")},
 }
 
@@ -381,7 +381,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(optim.param_groups(model.named_parameters(), args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.95))
     ddp_model = distributed.wrap_ddp(model, dist, compile=args.compile)
-    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=encoder)
+    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=encoder,
+                           monitor=evaluation.monitor(encoder, args, dist))
     log(f"[mimco] student {args.model} ({args.layout} layout, mask ratio {model.mask_ratio}): "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M trainable-module parameters, "
         f"{run.total_steps} steps", flush=True)

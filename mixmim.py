@@ -78,10 +78,10 @@ from common.vit import Block, create_vit, get_2d_sincos_pos_embed
 PAPER = dict(epochs=600, global_batch=2048, batch_size=128, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05,
              crop_min=0.2, mask_ratio=0.5, mix_unit=2, decoder=[512, 8, 16])
 CPU = dict(epochs=20, global_batch=64, blr=2e-3, warmup_epochs=2, weight_decay=0.05, crop_min=0.2, mask_ratio=0.5,
-           mix_unit=2, log_every=20)
+           mix_unit=2, log_every=20, knn_every=5)
 RECIPES = {
     "vit_mini": dict(CPU, decoder=[128, 2, 4]),
-    "vit_micro": dict(CPU, decoder=[32, 1, 2]),                 # tests only
+    "vit_micro": dict(CPU, decoder=[32, 1, 2], knn_every=0),    # tests only
     **{name: PAPER for name in ("vit_t", "vit_s", "vit_b", "vit_l", "vit_h", "vit_2b")},
 }
 
@@ -339,7 +339,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(optim.param_groups(model.named_parameters(), args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.95))
     ddp_model = distributed.wrap_ddp(model, dist, compile=args.compile)
-    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=model.encoder)
+    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=model.encoder,
+                           monitor=evaluation.monitor(model.encoder, args, dist))
     if dist.is_main:
         print(f"[mixmim] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{model.num_cells} mixing cells of {args.mix_unit}x{args.mix_unit} patches, "

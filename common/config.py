@@ -67,6 +67,8 @@ SHARED_FLAGS = [
     ("--benchmark", dict(type=int, default=0, help="time this many optimizer steps on one batch repeated (after 3 "
                          "warm-up steps), print images/s and peak memory, and stop: no checkpoint, no evaluation "
                          "(with --data synthetic: random images, no dataset needed)")),
+    ("--knn_every", dict(type=int, default=0, help="k-NN of the encoder every N epochs during training, on every 10th "
+                         "train image and the val split, written to log.jsonl and loss.png (0 = off)")),
     ("--eval", dict(default="knn,perblock", help="evaluation of the encoder at the end of the run (common/eval.py): "
                     "knn, perblock, linear, lowshot, cluster or all, comma-separated, or 'none'")),
     ("--device", dict(default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")),
@@ -126,6 +128,7 @@ def check(args):
     for flag in ("epochs", "global_batch", "log_every", "ckpt_every_epochs"):
         number(flag, 1)
     number("benchmark", 0)
+    number("knn_every", 0)
     if args.benchmark:
         args.eval = "none"
     for flag in ("batch_size", "max_steps", "img_size"):

@@ -92,7 +92,7 @@ def _run_protocol(protocol, feats, spec, train_x, train_y, test_x, test_y, devic
         blocks = sorted(feats["train"]["block_cls"])
         return [knn_accuracy(feats["train"]["block_cls"][b], train_y, feats["val"]["block_cls"][b], test_y, ks=(10,),
                              standardize=spec.standardize, device=device)[10] for b in blocks]
-    if protocol == "linear":
+    if protocol == "linear_cached":
         return linear_probe(train_x, train_y, test_x, test_y, epochs=spec.probe_epochs, seed=spec.seed, device=device)
     if protocol == "lowshot":
         return lowshot(train_x, train_y, test_x, test_y, spec.shots, spec.lowshot_splits, spec.seed)
@@ -126,7 +126,7 @@ def format_table(title, results, pixels=None):
     lines = [title]
 
     def row(name, text, extra=""):
-        lines.append(f"  {name:<30s}{text:<24s} {extra}".rstrip())
+        lines.append(f"  {name:<30s} {text:<24s} {extra}".rstrip())
 
     failed = {p: r["error"] for p, r in results.items() if isinstance(r, dict) and "error" in r}
     results = {p: r for p, r in results.items() if p not in failed}
@@ -141,9 +141,10 @@ def format_table(title, results, pixels=None):
         accs = results["perblock"]
         best = int(np.argmax(accs))
         row("per-block k-NN (k=10)", " ".join(f"{a:.1f}" for a in accs), f"best {accs[best]:.2f} at block {best + 1}")
-    if "linear" in results:
-        lin = results["linear"]
-        row("linear probe (cached)", f"{lin['best']:.2f}", f"(base lr {lin['best_lr']:g}, best of {len(lin['grid'])})")
+    if "linear_cached" in results:
+        lin = results["linear_cached"]
+        row("linear probe (cached features, no augmentation)", f"{lin['best']:.2f}",
+            f"(base lr {lin['best_lr']:g}, best of {len(lin['grid'])}; the papers' probe: python -m common.probe)")
     if "lowshot" in results:
         shots = sorted(results["lowshot"], key=int)
         row("low-shot " + "/".join(f"{s}" for s in shots) + " per class",
@@ -251,6 +252,34 @@ def end_of_run(encoders, args, dist, spec=Spec(), extra=None):
     return records if dist.is_main else None
 
 
+class KnnMonitor:
+    """The k-NN (k = 10, the method's feature spec) of an encoder during training, on every 10th train image and the
+    val split, as ml-jku/MIM-Refiner's offline k-NN callback does every epoch on a 10 % ImageNet subset: a collapse or
+    a stall shows early. Call it on every rank (the extraction is sharded); rank 0 gets the accuracy, the others None."""
+
+    def __init__(self, encoder, args, dist, spec=Spec()):
+        self.encoder, self.dist = encoder, dist
+        self.spec = dataclasses.replace(spec, protocols=("knn",))
+        img_size = unwrap(encoder).img_size[0]
+        self.loaders = build_eval_loaders(args.data, img_size, 256, args.num_workers, args.n_per_class,
+                                          train_fraction=0.1)
+        self.labelled = getattr(self.loaders[0].dataset, "labelled", True)
+
+    def __call__(self):
+        if not self.labelled:
+            return None
+        feats = extract_splits(self.encoder, self.loaders, self.spec, self.dist.device)
+        if feats is None:
+            return None
+        return knn_accuracy(feats["train"]["features"], feats["train"]["labels"], feats["val"]["features"],
+                            feats["val"]["labels"], ks=(10,), standardize=self.spec.standardize)[10]
+
+
+def monitor(encoder, args, dist, spec=Spec()):
+    """A KnnMonitor when --knn_every asks for one, else None (what the scripts pass to the Trainer)."""
+    return KnnMonitor(encoder, args, dist, spec) if args.knn_every else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
@@ -258,13 +287,16 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m common.eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
         description="Evaluate frozen ViT features of any checkpoint that common/checkpoints.py loads with "
-                    "k-NN, per-block k-NN, a linear probe, low-shot logistic regression and k-means clustering. "
+                    "k-NN, per-block k-NN, a linear probe on cached un-augmented features (the fast variant; the "
+                    "papers' augmented probe is python -m common.probe), low-shot logistic regression and k-means "
+                    "clustering. "
                     "MIM-Refiner's paper k-NN protocol: --ema --no_final_norm --standardize.")
     parser.add_argument("--ckpt", action="append", required=True,
                         help="checkpoint path or URL; repeat for several (one per-block plot); 'pixels' = raw pixels")
     parser.add_argument("--data", default="builtin", help="'builtin', 'cifar10', 'stl10' or a folder with train/ and val/")
     parser.add_argument("--protocol", default="knn",
-                        help="knn | perblock | linear | lowshot | cluster | all, or a comma-separated list")
+                        help="knn | perblock | linear_cached | lowshot | cluster | all, or a comma-separated list "
+                             "(linear_cached: the probe on cached centre-crop features; 'linear' is its old name)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA encoder stored in the checkpoint")
     parser.add_argument("--token", default="cls", choices=TOKEN_CHOICES, help="pooled feature: CLS, mean patch, both")
     parser.add_argument("--no_final_norm", action="store_true",
@@ -281,9 +313,9 @@ def get_args(argv=None):
                         help="use every (1 / fraction)-th train image as the k-NN memory / probe train set")
     parser.add_argument("--batch_size", type=int, default=256, help="feature extraction batch size")
     parser.add_argument("--num_workers", type=int, default=4, help="data loader workers (at most the CPU count)")
-    parser.add_argument("--probe_epochs", type=int, default=50, help="linear probe epochs over the cached features")
+    parser.add_argument("--probe_epochs", type=int, default=50, help="linear_cached: epochs over the cached features")
     parser.add_argument("--probe_grid", action="store_true",
-                        help="linear probe also over MIM-Refiner's feature grid: CLS or CLS+mean patch, of the last "
+                        help="linear_cached also over MIM-Refiner's feature grid: CLS or CLS+mean patch, of the last "
                              "block or the last 4 blocks concatenated; reports the best")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5], help="low-shot: labelled images per class")
     parser.add_argument("--lowshot_splits", type=int, default=3, help="low-shot: number of fixed splits per shot count")
@@ -385,21 +417,22 @@ def main(argv=None):
             if args.plots and not several:
                 write_plots(vit, out_dir, {name: record["perblock"]} if "perblock" in record else None, feats,
                             loaders[1], baseline=pixels[10] if pixels else None, log=log)
-        if args.probe_grid and vit is not None and "linear" in spec.protocols:
+        if args.probe_grid and vit is not None and "linear_cached" in spec.protocols:
             grid = {}
             for tokens, blocks in PROBE_FEATURE_GRID:
                 variant = f"{tokens}, " + ("last block" if blocks is None else f"last {len(blocks)} blocks (raw)")
-                grid_spec = dataclasses.replace(spec, protocols=("linear",), tokens=tokens, blocks=blocks)
+                grid_spec = dataclasses.replace(spec, protocols=("linear_cached",), tokens=tokens, blocks=blocks)
                 result, _ = evaluate(vit, loaders, grid_spec, f"{name} [{variant}]", args.data, img_size, None,
                                      device, cache_for(weights, grid_spec), log=log)
                 if result is not None:
-                    grid[variant] = {"best": result["linear"]["best"], "best_lr": result["linear"]["best_lr"]}
+                    grid[variant] = {"best": result["linear_cached"]["best"],
+                                     "best_lr": result["linear_cached"]["best_lr"]}
             if grid:
                 best = max(grid, key=lambda v: grid[v]["best"])
-                log(f"linear probe over the feature grid: best {grid[best]['best']:.2f} with {best}")
+                log(f"linear probe (cached features) over the feature grid: best {grid[best]['best']:.2f} with {best}")
                 append_jsonl(os.path.join(out_dir, "eval.jsonl"), dict(
                     time=time.strftime("%Y-%m-%d %H:%M:%S"), name=name, ckpt=ckpt, ema=args.ema, data=args.data,
-                    img_size=img_size, linear_grid=grid, linear_grid_best=dict(variant=best, **grid[best])))
+                    img_size=img_size, linear_cached_grid=grid, linear_cached_grid_best=dict(variant=best, **grid[best])))
     if rank() == 0 and args.plots and several and curves:
         log("pictures: " + plots.plot_per_block(curves, os.path.join(args.out_dir or ".", "knn_per_block.png")))
     cleanup()

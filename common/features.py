@@ -72,7 +72,8 @@ def eval_loader(dataset, batch_size=256, num_workers=4):
     world = world_size()
     sampler = ShardSampler(len(dataset), rank(), world) if world > 1 else None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
-                      num_workers=min(num_workers, cpus), pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                      num_workers=min(num_workers, cpus), pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      generator=torch.Generator())   # its own seed source: evaluating never moves the training RNG
 
 
 def default_img_size(data):

@@ -66,8 +66,9 @@ def plot_per_block(curves, path, baseline=None, title="k-NN accuracy of each blo
     return _save(fig, path)
 
 
-def plot_curves(records, keys, path, xlabel="optimizer step", ylabel="loss"):
-    """records: dicts with a 'step' and numeric values (log.jsonl lines) -> PNG with one line per key."""
+def plot_curves(records, keys, path, xlabel="optimizer step", ylabel="loss", secondary=(), secondary_label=None):
+    """records: dicts with a 'step' and numeric values (log.jsonl lines) -> PNG with one line per key; `secondary`
+    keys (e.g. the k-NN monitor) are drawn with markers against a second y axis on the right."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in keys:
@@ -76,8 +77,16 @@ def plot_curves(records, keys, path, xlabel="optimizer step", ylabel="loss"):
             ax.plot(*zip(*points), label=key)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend()
+    ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
+    if secondary:
+        right = ax.twinx()
+        for key in secondary:
+            points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if points:
+                right.plot(*zip(*points), "o-", color="tab:red", label=key)
+        right.set_ylabel(secondary_label or ", ".join(secondary))
+        right.legend(loc="upper right")
     fig.tight_layout()
     return _save(fig, path)
 

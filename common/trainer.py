@@ -237,7 +237,9 @@ class RunLogger:
         with open(self.path) as f:
             records = [json.loads(line) for line in f if line.strip()]
         keys = sorted({k for r in records for k, v in r.items() if k.startswith("loss") and isinstance(v, float)})
-        return plots.plot_curves(records, keys, os.path.join(self.run_dir, "loss.png")) if keys else None
+        monitored = ["knn_monitor"] if any("knn_monitor" in r for r in records) else []
+        return plots.plot_curves(records, keys, os.path.join(self.run_dir, "loss.png"), secondary=monitored,
+                                 secondary_label="k-NN accuracy (%)") if keys else None
 
 
 def _peak_memory_gb(device):
@@ -338,16 +340,18 @@ class Trainer:
     model: the module whose forward is used (may be DDP/compiled); its unwrapped state dict is saved as 'model'.
     encoder: the ViT inside it (saved as 'encoder' = its encoder_state_dict(), with 'vit' = its create_vit
     arguments). encoder_ema: an EMA of the encoder (saved as 'encoder_ema' and restored). run_dir: where the
-    checkpoint and logs go (default args.output_dir).
+    checkpoint and logs go (default args.output_dir). monitor: a callable run every --knn_every epochs on every rank
+    (common.eval.KnnMonitor); its value is logged as knn_monitor.
     Attributes: global_step (optimizer steps done), epoch, steps_per_epoch, total_steps, complete (all steps done;
     False after a stop at --max_steps: a script that chains stages asks `stopped_early(what)` before the next),
     lr, run_dir, logger, device, dtype, scaler.
     """
 
-    def __init__(self, args, model, optimizer, loader, dist, *, encoder=None, encoder_ema=None, run_dir=None):
+    def __init__(self, args, model, optimizer, loader, dist, *, encoder=None, encoder_ema=None, run_dir=None,
+                 monitor=None):
         self.args, self.model, self.optimizer, self.loader, self.dist = args, model, optimizer, loader, dist
         self.module = distributed.unwrap(model)
-        self.encoder, self.encoder_ema = encoder, encoder_ema
+        self.encoder, self.encoder_ema, self.monitor = encoder, encoder_ema, monitor
         self.device, self.run_dir = dist.device, run_dir or args.output_dir
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.accum_iter = args.accum_iter
@@ -430,6 +434,10 @@ class Trainer:
                 print(f"[data] {skipped} unreadable images replaced by the next readable one so far")
             if (epoch + 1) % self.args.ckpt_every_epochs == 0 or epoch + 1 == self.args.epochs:
                 self.save()
+            if self.monitor is not None and (epoch + 1) % self.args.knn_every == 0:
+                accuracy = self.monitor()                   # every rank extracts its shard; rank 0 gets the value
+                if accuracy is not None:
+                    self.logger.log(self.global_step, epoch + 1, knn_monitor=accuracy)
 
     def _benchmark(self, warmup=3):
         """--benchmark N: one batch, moved to the device once, repeated for `warmup` + N optimizer steps; the last N

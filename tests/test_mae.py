@@ -220,3 +220,21 @@ def test_cli_end_to_end_and_resume(tmp_path):
 def test_bad_mask_ratio_is_one_sentence():
     with pytest.raises(SystemExit, match="--mask_ratio 1.5"):
         mae.main(["--model", "vit_micro", "--mask_ratio", "1.5"])
+
+
+def test_the_knn_monitor_is_logged_and_leaves_the_run_unchanged(tmp_path):
+    """--knn_every 1: a k-NN record after every epoch in log.jsonl (and on loss.png); the monitor's evaluation never
+    moves the training's random streams, so the losses equal a run without it, and a resume across a monitored
+    epoch end is still bit-identical."""
+    args = TINY + ["--eval", "none", "--n_per_class", "4", "4"]            # 2 epochs of 2 steps
+    mae.main(args + ["--output_dir", str(tmp_path / "plain")])
+    mae.main(args + ["--output_dir", str(tmp_path / "monitored"), "--knn_every", "1"])
+    plain, monitored = read_log(tmp_path / "plain"), read_log(tmp_path / "monitored")
+    knn = [r for r in monitored if "knn_monitor" in r]
+    assert [(r["step"], r["epoch"]) for r in knn] == [(2, 1), (4, 2)]     # 40 images / 16 = 2 steps per epoch
+    assert all(0 <= r["knn_monitor"] <= 100 for r in knn)
+    assert [r["loss"] for r in monitored if "loss" in r] == [r["loss"] for r in plain]
+    mae.main(args + ["--max_steps", "3", "--output_dir", str(tmp_path / "split"), "--knn_every", "1"])
+    mae.main(args + ["--output_dir", str(tmp_path / "split"), "--knn_every", "1", "--resume", "auto"])
+    untimed = lambda records: [{k: v for k, v in r.items() if k not in ("img_s", "eta_s", "mem_gb")} for r in records]
+    assert untimed(read_log(tmp_path / "split")) == untimed(monitored)
