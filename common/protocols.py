@@ -5,12 +5,14 @@ percentages. Which features (token, block, final norm) each paper uses is decide
 - k-NN (`knn_accuracy`): cosine similarity on L2-normalised features, optionally standardised first with the
   train mean/std (eps 1e-6), k = 10 and 20, votes weighted by exp(sim / 0.07) (ml-jku/MIM-Refiner:
   src/metrics/knn.py; facebookresearch/dino: eval_knn.py).
-- Linear probe on cached features (`linear_probe`): BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal
-  std 0.01), SGD momentum 0.9, no weight decay, 10 % linear warm-up then cosine, 50 epochs, batch 1024,
-  lr = base lr x batch / 256 over MIM-Refiner's grid, the best test accuracy over the grid reported
+- Linear probe on cached features (`linear_probe`, protocol `linear_cached`): BatchNorm1d(affine=False, eps 1e-6)
+  + Linear (trunc-normal std 0.01), SGD momentum 0.9, no weight decay, 10 % linear warm-up then cosine, 50 epochs,
+  batch 1024, lr = base lr x batch / 256 over MIM-Refiner's grid, the best test accuracy over the grid reported
   (ml-jku/MIM-Refiner: src/yamls/eval/probe; ml-jku/MAE-CT: yamls/probe.yaml). All grid heads train together.
-  It trains on features of the eval transform (resize + centre crop), without the papers' RandomResizedCrop +
-  flip, so it costs seconds: the fast variant, not the papers' protocol.
+  It trains on features of the eval transform (resize + centre crop) computed once, without the papers'
+  RandomResizedCrop + flip, so it costs seconds: the fast variant, NOT the papers' protocol. The papers' probe
+  (the frozen encoder run on augmented views every step, LARS for MAE) is `python -m common.probe`.
+  The protocol was called `linear`; that name still selects it, with a warning, until it is removed.
 - Low-shot (`lowshot`): 1, 2 and 5 labelled images per class, 3 fixed class-balanced splits (facebookresearch/msn:
   logistic_eval.py's protocol, with our own deterministic splits, as MSN's ImageNet split files do not apply to
   other data), multinomial logistic regression with L2 penalty and no intercept on features centred and
@@ -22,22 +24,34 @@ percentages. Which features (token, block, final norm) each paper uses is decide
   choice, as are 10 k-means++ restarts), ACC after Hungarian matching (scipy.optimize.linear_sum_assignment), NMI
   and ARI from sklearn.
 """
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.optim import cosine_lr
 
-PROTOCOLS = ("knn", "perblock", "linear", "lowshot", "cluster")
+PROTOCOLS = ("knn", "perblock", "linear_cached", "lowshot", "cluster")
+RENAMED = {"linear": "linear_cached"}
+"""Old protocol names still accepted (with a FutureWarning): 'linear' was the cached-feature probe, renamed so that
+nobody takes it for the papers' augmented probe (common/probe.py)."""
 PROBE_BASE_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.3, 0.5)
 """ml-jku/MIM-Refiner's probe grid {1e-4, 2e-4, 5e-4, 1e-3, ..., 0.3, 0.5}, the middle filled in the same 1-2-5
 steps."""
 
 
 def parse_protocols(protocols):
-    """'knn', 'all', 'knn,linear' or a list of those -> tuple of protocol names in PROTOCOLS order."""
+    """'knn', 'all', 'knn,linear_cached' or a list of those -> tuple of protocol names in PROTOCOLS order (the old
+    name 'linear' is read as 'linear_cached', with a FutureWarning)."""
     names = protocols.split(",") if isinstance(protocols, str) else list(protocols)
     names = [n.strip() for n in names if n.strip()]
+    for old_name, new_name in RENAMED.items():
+        if old_name in names:
+            warnings.warn(f"evaluation protocol {old_name!r} is now called {new_name!r} (a probe on cached, "
+                          f"un-augmented features; the papers' probe is `python -m common.probe`); use {new_name!r}.",
+                          FutureWarning, stacklevel=2)
+            names = [new_name if n == old_name else n for n in names]
     if "all" in names:
         return PROTOCOLS
     bad = [n for n in names if n not in PROTOCOLS]
