@@ -24,6 +24,11 @@ Triton kernel with them (MixMIM). The model offers what the five methods need:
     freeze(n)                    -> train only blocks n.. and the final norm (n > 0 freezes the stem too)
     encoder_state_dict()         -> the timm-named weights of the ViT alone (a subclass may hold more)
 
+`drop_path_rate` > 0 adds stochastic depth for fine-tuning (timm's rule: block i of n drops its residual branches
+with probability drop_path_rate * i / (n - 1), per sample, in train mode only; torchvision.ops.StochasticDepth
+"row", the same operation as timm's DropPath). It is 0 by default, so pre-training and features are unchanged; it
+has no parameters, so the state dict stays timm's.
+
 `post_norm=True` builds the data2vec 2.0 layout (LayerNorm `embed_norm` on the embedded sequence, post-norm
 blocks `x = norm1(x + attn(x)); x = norm2(x + mlp(x))`, no final norm), as MIM-Refiner's
 `src/models/vit/data2vec2_vit.py` does.
@@ -33,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
 
 import kernels
 
@@ -134,27 +140,30 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, norm_eps=1e-6, post_norm=False):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, norm_eps=1e-6, post_norm=False, drop_path=0.0):
         super().__init__()
         self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        # Stochastic depth: zeroes a sample's residual branch with probability drop_path in train mode (and scales
+        # the kept ones by 1 / (1 - drop_path)); the identity at 0 and in eval mode.
+        self.drop_path = StochasticDepth(drop_path, "row")
 
     def forward(self, x, groups=None):
         if self.post_norm:                                       # data2vec 2.0
-            x = self.norm1(x + self.attn(x, groups))
-            return self.norm2(x + self.mlp(x))
-        x = x + self.attn(self.norm1(x), groups)
-        return x + self.mlp(self.norm2(x))
+            x = self.norm1(x + self.drop_path(self.attn(x, groups)))
+            return self.norm2(x + self.drop_path(self.mlp(x)))
+        x = x + self.drop_path(self.attn(self.norm1(x), groups))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class VisionTransformer(nn.Module):
     ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed", "embed_norm", "blocks", "norm")   # state-dict roots
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 norm_eps=1e-6, post_norm=False, in_chans=3):
+                 norm_eps=1e-6, post_norm=False, in_chans=3, drop_path_rate=0.0):
         super().__init__()
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] % patch_size or img_size[1] % patch_size:
@@ -170,7 +179,11 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.from_numpy(
             get_2d_sincos_pos_embed(embed_dim, self.grid_size, cls_token=True)).unsqueeze(0), requires_grad=False)
         self.embed_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if post_norm else nn.Identity()
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_eps, post_norm) for _ in range(depth))
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate {drop_path_rate} must be in [0, 1); the papers fine-tune with 0.1-0.3.")
+        self.drop_path_rate = drop_path_rate
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()       # timm: rising linearly, 0 in block 0
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_eps, post_norm, rate) for rate in rates)
         self.norm = nn.Identity() if post_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
         self.grad_checkpointing = False
         self.init_weights()
