@@ -182,7 +182,8 @@ class VisionTransformer(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate {drop_path_rate} must be in [0, 1); the papers fine-tune with 0.1-0.3.")
         self.drop_path_rate = drop_path_rate
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()       # timm: rising linearly, 0 in block 0
+        # timm's rule, rising linearly from 0 in block 0 (on the CPU, also when the model is built on "meta")
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, norm_eps, post_norm, rate) for rate in rates)
         self.norm = nn.Identity() if post_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
         self.grad_checkpointing = False
