@@ -21,10 +21,10 @@ neighbour drawn at random from the top-k (stage "tune").
 Commands (run directory --output_dir, default runs/mae_ct: the tune stage's checkpoint-last.pth, log.jsonl,
 loss.png, eval.jsonl and knn_per_block.png; the init stage's in init/):
     python mae.py && python mae_ct.py                 # built-in data, vit_mini, 2 CPU cores
-    torchrun --nproc_per_node 8 mae_ct.py --model vit_l --data /imagenet --ckpt mae_pretrain_vit_large.pth
+    torchrun --nproc_per_node 8 mae_ct.py --model vit_l --data /imagenet     # from MAE-CT's MAE L/16, downloaded once
     torchrun --nproc_per_node 8 mae_ct.py --model vit_l_aug --data /imagenet --ckpt mae_pretrain_vit_large.pth
     torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \
-        mae_ct.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth      # run on each node
+        mae_ct.py --model vit_h --data /imagenet --ckpt mae_reimpl_huge16.th     # the H/16 row; run on each node
     python mae_ct.py --model vit_l --data /imagenet --ckpt mae_pretrain_vit_large.pth --global_batch 128   # one GPU
     python mae_ct.py ... --stage init                 # then: --stage tune --ckpt runs/mae_ct/init/checkpoint-last.pth
     python mae_ct.py ... --resume auto                # continue whichever stage was interrupted
@@ -32,13 +32,18 @@ loss.png, eval.jsonl and knn_per_block.png; the init stage's in init/):
 The presets are the paper's table rows: vit_b / vit_l / vit_h = MAE-CT, vit_b_aug / vit_l_aug / vit_h_aug =
 MAE-CT_aug (BYOL views and their own recipe). The recipe's global batch (1024 for B and L, 512 for H) is kept on any
 number of GPUs; the heads' BatchNorm forbids gradient accumulation, so a machine that cannot hold it takes a smaller
---global_batch (the LR follows it). Under SLURM use `srun torchrun --nnodes $SLURM_NNODES ...`. `--ckpt` reads mae.py
-runs, the official MAE files and every format of common/checkpoints.py; the encoder's architecture comes from it.
+--global_batch (the LR follows it); --grad_checkpointing saves activation memory. Under SLURM use `srun torchrun
+--nnodes $SLURM_NNODES ...`. `--ckpt` reads mae.py runs, the official MAE files and every format of
+common/checkpoints.py; the encoder's architecture comes from it. Without --ckpt a paper preset starts where the paper
+did, downloaded once into torch.hub's cache: vit_b / vit_l from MAE-CT's own 800-epoch MAE (ml-jku/MAE-CT README,
+mae_reimpl_{base,large}16.th), vit_h from facebookresearch/mae's ViT-H/14 (the paper's H/14 row; its H/16 row starts
+from mae_reimpl_huge16.th, which --ckpt loads as a patch-16 ViT).
 
 Expected results (ImageNet-1K; ml-jku/MAE-CT README / PROBING.md), linear probe / k-NN: ViT-B/16 MAE 66.7 / 51.1 ->
 MAE-CT 73.5 / 64.1 (MAE-CT_aug 76.9 / 73.4); ViT-L/16 75.9 / 60.6 -> 80.2 / 78.0 (81.5 / 79.1); ViT-H/16 78.0 / 61.1
--> 81.5 / 79.4 (82.2 / 79.8), all starting from MAE-CT's own MAE (ml-jku/MAE-CT yamls/stage1_mae); ViT-H/14 from the
-official MAE 77.2 / 58.9 -> 81.3 / 79.1 (82.0 / 78.9). Cost: L/16 took "five hours on 8 A100" (arXiv v1 abstract).
+-> 81.5 / 79.4 (82.2 / 79.8), all three starting from MAE-CT's own 800-epoch MAE (ml-jku/MAE-CT yamls/stage1_mae),
+not from facebookresearch's 1600-epoch files; ViT-H/14 from the official MAE 77.2 / 58.9 -> 81.3 / 79.1 (82.0 /
+78.9). Cost: L/16 took "five hours on 8 A100" (arXiv v1 abstract).
 The default CPU run's measured numbers and wall time are in the README ("Results on the built-in data").
 
 What is the official method here (ml-jku/MAE-CT), the defaults at --model vit_b|l|h[_aug]:
@@ -340,7 +345,7 @@ def training_step(model, views, ids, labels, temperature, topk):
 # ----------------------------------------------------------------------------------------------------------
 def load_start(args):
     """-> (the encoder built from --ckpt, the file's MAECT state if it is an init-stage run of this script)."""
-    path = args.ckpt or default_start(args.model)
+    path = args.ckpt or default_start("mae_ct", args.model)
     preset = args.model.removesuffix("_aug")                    # vit_l_aug: MAE-CT_aug's recipe for a ViT-L
     size = {"img_size": args.img_size} if args.img_size else {}
     if path == "none":

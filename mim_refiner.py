@@ -14,8 +14,8 @@ result keeps the MIM features of the early blocks and turns the late blocks into
 
 Commands (each runs stage init then stage refine, writing OUTPUT_DIR/init/ and OUTPUT_DIR/):
     python mae.py && python mim_refiner.py                   # built-in data, vit_mini, 2 CPU cores
-    python mim_refiner.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth    # one GPU (see memory)
-    torchrun --nproc_per_node 8 mim_refiner.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth
+    torchrun --nproc_per_node 8 mim_refiner.py --model vit_h --data /imagenet   # from MAE ViT-H/14, downloaded once
+    python mim_refiner.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth --global_batch 64   # one GPU
     # two nodes (run on each; under SLURM: srun torchrun ... --rdzv_endpoint $MASTER_ADDR:29500):
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
         mim_refiner.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth
@@ -24,8 +24,10 @@ Commands (each runs stage init then stage refine, writing OUTPUT_DIR/init/ and O
     torchrun --nproc_per_node 8 mim_refiner.py --model vit_l --data /imagenet --ckpt data2vec2_large16.pt --epochs 20
     python mim_refiner.py --stage refine --ckpt runs/mim_refiner/init/checkpoint-last.pth ...   # refine only
     python -m common.eval --ckpt runs/mim_refiner/checkpoint-last.pth --data /imagenet --ema --no_final_norm --standardize
-The global batch is the recipe's (1024 for L, 512 for H and 2B) on any number of GPUs; the heads' BatchNorm forbids
-gradient accumulation. Memory (maintainer in ml-jku/MIM-Refiner issue 11): about 100 samples of ViT-L with all heads
+Without --ckpt a paper preset starts from the weights the paper refined (facebookresearch/mae's
+mae_pretrain_vit_{base,large,huge}.pth, MAWS's MAE-2B/14 for vit_2b), downloaded once into torch.hub's cache; without a
+network the run stops with the URL to fetch. The global batch is the recipe's (1024 for L, 512 for H and 2B) on any
+number of GPUs; the heads' BatchNorm forbids gradient accumulation, so one GPU needs a smaller --global_batch. Memory (maintainer in ml-jku/MIM-Refiner issue 11): about 100 samples of ViT-L with all heads
 fit on an 80 GB GPU; with fewer GPUs use --grad_checkpointing, --freeze_blocks 12 (paper Table 8: costs little),
 fewer heads (--head_blocks final,22,20,18: 4 heads, Table 1a) or a smaller --global_batch (256 works, 64 is too low;
 issue 9 suggests tau 0.2 for new data). The log reports peak memory (mem).
@@ -395,7 +397,7 @@ class Refiner(nn.Module):
 def load_start(args):
     """-> (encoder ViT at --img_size, the checkpoint's Refiner state dict if it is an init-stage run of this
     script, else None). Any format of common.checkpoints; the architecture comes from the file."""
-    path = args.ckpt or default_start(args.model)
+    path = args.ckpt or default_start("mim_refiner", args.model)
     if path == "none":
         print("[mim_refiner] WARNING: --ckpt none: refining a randomly initialised encoder (smoke test only)")
         return create_vit(args.model, img_size=args.img_size), None

@@ -20,13 +20,14 @@ Commands (run directory --output_dir, default runs/mimco: checkpoint-last.pth, l
 loss_image, loss.png, eval.jsonl, knn_per_block.png):
     python mae.py && python mae_ct.py && python mimco.py        # built-in data: the teacher is mae_ct.py's output
     python mimco.py --model vit_s --data /imagenet --teacher vit-s-300ep.pth.tar      # one GPU, accumulated to 2048
-    torchrun --nproc_per_node 8 mimco.py --model vit_s --data /imagenet --teacher vit-s-300ep.pth.tar
+    torchrun --nproc_per_node 8 mimco.py --model vit_s --data /imagenet      # teacher: MoCo v3 ViT-S, downloaded once
     torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \\
         mimco.py --model vit_b --data /imagenet --teacher vit-b-300ep.pth.tar        # NODE = 0 / 1
     python mimco.py ... --resume auto                          # continue from <output_dir>/checkpoint-last.pth
     python -m common.eval --ckpt runs/mimco/checkpoint-last.pth --data /imagenet --protocol knn,linear
 MoCo v3 teachers: vit-s-300ep.pth.tar / vit-b-300ep.pth.tar from facebookresearch/moco-v3 CONFIG.md (their
-linear probe 73.2 / 76.7, fine-tune 81.4 / 83.2); common/checkpoints.py reads `module.base_encoder.*`.
+linear probe 73.2 / 76.7, fine-tune 81.4 / 83.2), the default teacher of vit_s / vit_b (downloaded once into
+torch.hub's cache); common/checkpoints.py reads `module.base_encoder.*`. Memory: --grad_checkpointing for the student.
 
 Expected results. Paper: ViT-S student, MoCo v3 ViT-S teacher, 100 epochs -> 82.53 % ImageNet-1K fine-tune top-1
 (the one confirmed number). Cost: a step is one MAE step plus a no-grad teacher pass over the full image (the
@@ -67,7 +68,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from common import config, data, distributed, eval as evaluation, optim, trainer as training
-from common.checkpoints import start_from
+from common.checkpoints import CPU_PRESETS, default_start, start_from
 from common.distributed import all_gather, rank
 from common.vit import Block, create_vit, get_2d_sincos_pos_embed
 
@@ -91,8 +92,9 @@ RECIPES = {
 def add_arguments(parser):
     add = parser.add_argument
     add("--teacher", default=None, help="frozen contrastive teacher: any file common/checkpoints.py reads (MoCo v3 "
-        "vit-s-300ep.pth.tar, our mae_ct.py / mim_refiner.py runs); default for the CPU presets: runs/mae_ct's, else "
-        "runs/mim_refiner's checkpoint; 'random' = a random ViT (smoke tests)")
+        "vit-s-300ep.pth.tar, our mae_ct.py / mim_refiner.py runs); default: the released MoCo v3 ViT-S / ViT-B for "
+        "vit_s / vit_b (downloaded once), runs/mae_ct's or runs/mim_refiner's checkpoint for the CPU presets; "
+        "'random' = a random ViT (smoke tests)")
     add("--teacher_ema", action="store_true", help="take the teacher from the file's EMA encoder (our checkpoints)")
     add("--teacher_block", type=int, default=None, help="teacher features = raw output of this block (default: "
         "the last block after the final norm)")
@@ -130,9 +132,6 @@ def get_args(argv=None):
             raise SystemExit(f"--{flag} {getattr(args, flag)} must be positive (default 0.2).")
     if not 0 < args.crop_min <= 1:
         raise SystemExit(f"--crop_min {args.crop_min} must be in (0, 1] (MAE's 0.2).")
-    if args.teacher is None and args.model not in ("vit_mini", "vit_micro"):
-        raise SystemExit(f"--model {args.model} needs --teacher, a contrastive ViT with the same patch size "
-                         "(e.g. MoCo v3's vit-s-300ep.pth.tar from facebookresearch/moco-v3).")
     return args
 
 
@@ -321,9 +320,12 @@ DEFAULT_TEACHERS = [os.path.join("runs", "mae_ct", "checkpoint-last.pth"),
 
 
 def load_teacher(spec, student, use_ema=False, log=print):
-    """spec: a checkpoint path/URL, 'random' (smoke tests) or None (the CPU default: the first existing file of
-    DEFAULT_TEACHERS). Returns a frozen ViT in eval mode at the student's resolution (the position table is
-    interpolated when the file's grid differs)."""
+    """spec: a checkpoint path/URL, 'random' (smoke tests) or None: for the CPU presets the first existing file of
+    DEFAULT_TEACHERS, for vit_s / vit_b the released MoCo v3 weights (checkpoints.OFFICIAL_STARTS, downloaded once).
+    Returns a frozen ViT in eval mode at the student's resolution (the position table is interpolated when the
+    file's grid differs)."""
+    if spec is None and student.preset not in CPU_PRESETS:
+        spec = default_start("mimco", student.preset, log)
     if spec is None:
         found = [p for p in DEFAULT_TEACHERS if os.path.isfile(p)]
         if not found:

@@ -21,7 +21,9 @@ Commands (run directory: --output_dir, default runs/mixmim):
         mixmim.py --model vit_l --data /imagenet                 # two nodes, 128 x 16 = 2048 as the official run
     python mixmim.py ... --resume auto                            # continue from <output_dir>/checkpoint-last.pth
     python -m common.eval --ckpt runs/mixmim/checkpoint-last.pth --data /imagenet --protocol knn,linear
-The global batch is the official 2048 on any number of GPUs (--global_batch; 128 images per GPU per forward pass).
+The global batch is the official 2048 on any number of GPUs (--global_batch; 128 images per GPU per forward pass,
+gradients accumulated to 2048: 8 GPUs accumulate 2, one GPU 16, so the LR is the official one everywhere).
+Memory: --grad_checkpointing recomputes the encoder's activations, --batch_size lowers the per-GPU micro-batch.
 
 Expected results. Official (hierarchical Swin-B/W14 encoder, 600 epochs, ImageNet-1K fine-tuned top-1,
 Sense-X/MixMIM README): MixMIM-B 85.1, MixMIM-L 85.9; mmpretrain's 300-epoch re-run of B: 84.63. Plain-ViT

@@ -121,13 +121,14 @@ def read_training_checkpoint(path, script):
 
 
 def read_file(path_or_url):
-    """torch.load a local path or a URL (downloaded once into torch.hub's cache) onto the CPU."""
-    if re.match(r"^https?://", str(path_or_url)):
+    """torch.load a local path or a URL (http(s):// or file://, downloaded once into torch.hub's cache) onto the CPU."""
+    if re.match(r"^(https?|file)://", str(path_or_url)):
         try:
             return torch.hub.load_state_dict_from_url(path_or_url, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise CheckpointError(f"could not download checkpoint {path_or_url} ({e}); download it by hand "
-                                  "and pass the local path.") from e
+            reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise CheckpointError(f"could not download checkpoint {path_or_url} ({reason}); download it where there "
+                                  "is a network and pass --ckpt PATH.") from None
     if not os.path.isfile(path_or_url):
         raise CheckpointError(f"checkpoint {path_or_url} does not exist; pass the path of a .pth/.th/.pt file.")
     try:
@@ -327,18 +328,40 @@ def build_vit_from_checkpoint(path_or_url, use_ema=False, **overrides):
 
 LOCAL_MAE = os.path.join("runs", "mae", "checkpoint-last.pth")
 CPU_PRESETS = ("vit_mini", "vit_micro")
+FB_MAE = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{}.pth"      # facebookresearch/mae README
+MAECT_MAE = "https://ml.jku.at/research/maect/download/mae_reimpl_{}16.th"         # ml-jku/MAE-CT README
+OFFICIAL_STARTS = {
+    # MAE-CT's B/16, L/16 and H/16 rows start from its own 800-epoch MAE (ml-jku/MAE-CT yamls/stage1_mae), its
+    # H/14 row from facebookresearch/mae's file; our vit_h preset is the /14 one (the H/16 MAE: --ckpt MAECT_MAE).
+    "mae_ct": {"vit_b": MAECT_MAE.format("base"), "vit_b_aug": MAECT_MAE.format("base"),
+               "vit_l": MAECT_MAE.format("large"), "vit_l_aug": MAECT_MAE.format("large"),
+               "vit_h": FB_MAE.format("huge"), "vit_h_aug": FB_MAE.format("huge")},
+    # MIM-Refiner (ml-jku/MIM-Refiner src/yamls/stage2/*_mae.yaml weights_file, SETUP_MODELS.md): facebookresearch's
+    # MAE for L/16 and H/14, the MAWS release of MAE-2B/14 pre-trained on ImageNet-1k.
+    "mim_refiner": {"vit_b": FB_MAE.format("base"), "vit_l": FB_MAE.format("large"), "vit_h": FB_MAE.format("huge"),
+                    "vit_2b": "https://dl.fbaipublicfiles.com/maws/pretrain/mae_in1k/vit_2b14.pt"},
+    # MimCo's teacher: MoCo v3 (facebookresearch/moco-v3 CONFIG.md), the paper's ViT-S and its ViT-B sibling.
+    "mimco": {"vit_s": "https://dl.fbaipublicfiles.com/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar",
+              "vit_b": "https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar"},
+}
 
 
-def default_start(preset):
-    """The starting weights when --ckpt is not given: the `python mae.py` run for the CPU presets (the built-in
-    data); for the paper presets, --ckpt must name the pre-trained encoder."""
+def default_start(script, preset, log=print):
+    """The starting weights when --ckpt (MimCo: --teacher) is not given: the `python mae.py` run for the CPU presets
+    (the built-in data); for the paper presets the official release the paper started from (OFFICIAL_STARTS),
+    downloaded once into torch.hub's cache by read_file. Other presets have none: one sentence says so."""
     if preset in CPU_PRESETS:
         if os.path.isfile(LOCAL_MAE):
             return LOCAL_MAE
         raise SystemExit(f"no --ckpt given and {LOCAL_MAE} does not exist; run `python mae.py` first, pass --ckpt "
                          "PATH to a pre-trained encoder, or --ckpt none for a random-init smoke test.")
-    raise SystemExit(f"no --ckpt given for --model {preset}; pass --ckpt PATH or URL of the pre-trained encoder "
-                     "(e.g. facebookresearch/mae's mae_pretrain_vit_large.pth), or --ckpt none for a smoke test.")
+    url = OFFICIAL_STARTS.get(script, {}).get(preset)
+    if url is None:
+        raise SystemExit(f"no --ckpt given for --model {preset}, and the paper has no released start for it; pass "
+                         "--ckpt PATH or URL of a pre-trained encoder, or --ckpt none for a smoke test.")
+    log(f"[{script}] no --ckpt: starting from the weights the paper used, {url} (downloaded once into "
+        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')})")
+    return url
 
 
 def start_from(path_or_url, model=None, use_ema=False, what="--ckpt", preset=None, **overrides):
