@@ -122,7 +122,7 @@ RECIPES = {
     "vit_mini": dict(CPU, freeze_blocks=3), "vit_micro": dict(CPU, freeze_blocks=2, knn_every=0),
     "vit_b": B, "vit_l": L, "vit_h": H,
     "vit_b_aug": dict(B, **AUG, epochs=80, warmup_epochs=16, topk=10),
-    "vit_l_aug": dict(L, **AUG, epochs=40, warmup_epochs=8, topk=10),
+    "vit_l_aug": dict(L, **AUG, epochs=40, warmup_epochs=8, topk=10, temperature=0.15),
     "vit_h_aug": dict(H, **AUG, epochs=40, warmup_epochs=8, temperature=0.35),
     "vit_t": dict(L, freeze_blocks=6), "vit_s": dict(L, freeze_blocks=6), "vit_2b": L,
 }

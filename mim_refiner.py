@@ -21,7 +21,7 @@ Commands (each runs stage init then stage refine, writing OUTPUT_DIR/init/ and O
         mim_refiner.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth
     # ViT-L/16 (MAE or data2vec 2.0; the d2v2 yamls refine for 20 epochs), ViT-2B/14 (MAWS MAE):
     torchrun --nproc_per_node 8 mim_refiner.py --model vit_l --data /imagenet --ckpt mae_pretrain_vit_large.pth
-    torchrun --nproc_per_node 8 mim_refiner.py --model vit_l --data /imagenet --ckpt data2vec2_large16.pt --epochs 20
+    torchrun --nproc_per_node 8 mim_refiner.py --model vit_l --data /imagenet --ckpt data2vec2_large16.pt  # 20 epochs
     python mim_refiner.py --stage refine --ckpt runs/mim_refiner/init/checkpoint-last.pth ...   # refine only
     python -m common.eval --ckpt runs/mim_refiner/checkpoint-last.pth --data /imagenet --ema --no_final_norm --standardize
 Without --ckpt a paper preset starts from the weights the paper refined (facebookresearch/mae's
@@ -51,7 +51,8 @@ From the paper / official code (ml-jku/MIM-Refiner src/yamls/stage2, stage3):
   stage refine; 2 global 224 views (RRC 0.25-1) + 10 local 96/98 views (RRC 0.05-0.25), BYOL colour recipe;
 - init: frozen encoder, 20 epochs, head LR 2e-4 x batch/256; refine: LR 4e-4 x batch/256 for the encoder
   (LLRD 0.65) and heads, 4 warm-up epochs, cosine to 1e-6, AdamW (0.9, 0.95), wd 0.05 (heads 1e-5), tau
-  0.2 / 0.3 / 0.35 for L / H / 2B, 30 epochs (20 for 2B and data2vec 2.0), 2B freezes its first 6 blocks; EMA
+  0.2 / 0.3 / 0.35 for L / H / 2B, 30 epochs (20 for 2B, and for a data2vec 2.0 start, which the checkpoint's
+  format tells), 2B freezes its first 6 blocks; EMA
   encoder (0.9999) saved as 'encoder_ema' and evaluated.
 Our choices / unconfirmed:
 - the local-view indexing quirk is reproduced by default (--clean_local_indexing for p[2 + j]); whether it is
@@ -76,12 +77,13 @@ from torchvision.transforms import v2
 
 import kernels
 from common import config, data, distributed, eval as evaluation, optim, trainer as training
-from common.checkpoints import default_start, start_from
+from common.checkpoints import CPU_PRESETS, default_start, start_from
 from common.distributed import all_gather, all_gather_grad, rank
 from common.vit import create_vit
 
 FINAL = "final"   # the head on the encoder's output after the final LayerNorm (all other heads: raw block outputs)
 STAGES = ("init", "refine")
+D2V2_EPOCHS = 20  # refine epochs from a data2vec 2.0 start (ml-jku/MIM-Refiner src/yamls/stage3/*_d2v2.yaml max_epochs)
 
 # ----------------------------------------------------------------------------------------------------------
 # Recipes: the paper's per model size (ml-jku/MIM-Refiner src/yamls/stage2, stage3: l16_mae.yaml, h14_mae.yaml,
@@ -402,6 +404,11 @@ def load_start(args):
         print("[mim_refiner] WARNING: --ckpt none: refining a randomly initialised encoder (smoke test only)")
         return create_vit(args.model, img_size=args.img_size), None
     encoder, info = start_from(path, preset=args.model, img_size=args.img_size)
+    if (info["format"].startswith("data2vec2") and args.model not in CPU_PRESETS and "epochs" not in args.given
+            and args.epochs != D2V2_EPOCHS):
+        print(f"[mim_refiner] a data2vec 2.0 start: the refine stage runs {D2V2_EPOCHS} epochs, as the official "
+              f"src/yamls/stage3/{{l16,h14}}_d2v2.yaml (not the MAE recipe's {args.epochs})")
+        args.epochs = D2V2_EPOCHS
     init_run = info["args"].get("run_stage") == "init" and any(k.startswith("heads.") for k in info["model_state"])
     print(f"[mim_refiner] encoder from {path} ({info['format']}{', post-norm' if encoder.post_norm else ''})"
           + (" with the heads and queues of its init stage" if init_run else ""))

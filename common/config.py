@@ -19,6 +19,7 @@ accumulation steps) in one place, when the number of processes is known (common.
 import argparse
 import math
 import os
+import sys
 
 from common.protocols import parse_protocols
 from common.vit import PRESETS
@@ -104,6 +105,8 @@ def parse_args(script, recipes, add_arguments=None, argv=None, description=None,
         raise SystemExit(f"--model {model!r} is not a preset of {script}.py; choose one of {', '.join(recipes)}.")
     args = build_parser(script, recipes, add_arguments, description, default_model, model).parse_args(argv)
     args.script = script                      # saved in config.json and the checkpoints: --resume checks it
+    tokens = sys.argv[1:] if argv is None else argv
+    args.given = sorted({t[2:].split("=")[0] for t in tokens if t.startswith("--")})   # flags set on the command line
     check(args)
     return args
 
