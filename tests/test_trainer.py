@@ -345,3 +345,25 @@ def test_checkpoint_follows_our_format_and_rebuilds_the_encoder(tmp_path):
     assert torch.allclose(vit.eval().forward_features(images), trainer.module.encoder.forward_features(images))
     with pytest.raises(SystemExit, match="--resume .*missing.pth does not exist"):
         train(tmp_path, "--resume", str(tmp_path / "missing.pth"))
+
+
+def test_grad_checkpointing_gives_the_same_gradients_with_less_saved_memory():
+    """--grad_checkpointing (every script) recomputes each block in the backward: the same loss and gradients, and
+    the forward keeps only the blocks' inputs for the backward."""
+    torch.manual_seed(0)
+    vit = create_vit("vit_micro")
+    images = torch.randn(3, 3, 32, 32)
+    results = []
+    for checkpointing in (False, True):
+        vit.set_grad_checkpointing(checkpointing)
+        vit.zero_grad()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = (vit.forward_features(images) ** 2).mean()
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in vit.parameters() if p.grad is not None], sum(saved)))
+    (loss_a, grads_a, saved_a), (loss_b, grads_b, saved_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6) and len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert saved_b < saved_a / 2, (saved_a, saved_b)
