@@ -70,6 +70,10 @@ SHARED_FLAGS = [
                          "(with --data synthetic: random images, no dataset needed)")),
     ("--knn_every", dict(type=int, default=0, help="k-NN of the encoder every N epochs during training, on every 10th "
                          "train image and the val split, written to log.jsonl and loss.png (0 = off)")),
+    ("--wandb", dict(default=None, metavar="PROJECT", help="also log to Weights & Biases, project PROJECT (needs the "
+                     "wandb package; imported only when asked for)")),
+    ("--tensorboard", dict(action="store_true", help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard (needs "
+                           "the tensorboard package; imported only when asked for)")),
     ("--eval", dict(default="knn,perblock", help="evaluation of the encoder at the end of the run (common/eval.py): "
                     "knn, perblock, linear, lowshot, cluster or all, comma-separated, or 'none'")),
     ("--device", dict(default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")),

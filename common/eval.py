@@ -34,6 +34,7 @@ from common import plots
 from common.checkpoints import CheckpointError, build_vit_from_checkpoint
 from common.data import builtin_fingerprint
 from common.distributed import cleanup, init as init_distributed, rank, unwrap
+from common.trainer import Trackers
 from common.features import (TOKEN_CHOICES, build_eval_loaders, cache_file, cached, default_img_size,
                              extract_features, parse_tokens, pixel_features)
 from common.protocols import (PROTOCOLS, cluster, knn_accuracy, linear_probe, lowshot, parse_protocols)
@@ -192,6 +193,40 @@ def evaluate(vit, loaders, spec, name, data, img_size, out_dir=None, device=None
     return record, feats
 
 
+def scalars(record, prefix):
+    """The numbers of an evaluation record, flattened for the trackers: {'<prefix>/knn/10': ..., ...}."""
+    out = {}
+
+    def walk(value, key):
+        if isinstance(value, bool):
+            return
+        if isinstance(value, (int, float)):
+            out[key] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}/{k}")
+        elif isinstance(value, list) and key.endswith("perblock"):
+            for block, v in enumerate(value, 1):
+                walk(v, f"{key}/block{block}")
+
+    for protocol in ("knn", "perblock", "linear_cached", "linear", "lowshot", "cluster", "pixels_knn"):
+        if protocol in record:
+            walk(record[protocol], f"{prefix}/{protocol}")
+    return out
+
+
+def track(records, args, run_dir, step=0):
+    """Send evaluation records {name: record} to the trackers of --wandb / --tensorboard (a run's own W&B run)."""
+    if not (getattr(args, "wandb", None) or getattr(args, "tensorboard", False)):
+        return
+    trackers = Trackers(run_dir, args)
+    numbers = {}
+    for name, record in records.items():
+        numbers.update(scalars(record, f"eval/{name}"))
+    trackers.log(step, numbers)
+    trackers.close()
+
+
 def pixel_knn(loaders, standardize=False, cache=None, log=print):
     """The raw-pixel k-NN (k = 10 / 20) of the same data, for scale (rank 0; None elsewhere)."""
     feats = extract_splits(None, loaders, Spec(), cache=cache, log=log)
@@ -249,6 +284,7 @@ def end_of_run(encoders, args, dist, spec=Spec(), extra=None):
                 curves[name] = record["perblock"]
     if dist.is_main:
         write_plots(vit, args.output_dir, curves, feats, loaders[1], baseline=pixels[10] if pixels else None, log=log)
+        track(records, args, args.output_dir, step=(extra or {}).get("step", 0))
     return records if dist.is_main else None
 
 
@@ -329,6 +365,10 @@ def get_args(argv=None):
     parser.add_argument("--cache_dir", default=None, help="feature cache folder (default: OUT_DIR/eval_cache)")
     parser.add_argument("--no_cache", action="store_true", help="extract features again and do not store them")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda or cpu")
+    parser.add_argument("--wandb", default=None, metavar="PROJECT", help="also log the results to Weights & Biases "
+                        "(needs the wandb package)")
+    parser.add_argument("--tensorboard", action="store_true", help="also write the results as TensorBoard scalars "
+                        "to OUT_DIR/tensorboard (needs the tensorboard package)")
     args = parser.parse_args(argv)
     if args.n_per_class and args.data not in (None, "builtin"):
         raise SystemExit(f"--n_per_class applies to the built-in data only, not --data {args.data!r}; drop it.")
@@ -412,6 +452,7 @@ def main(argv=None):
                                  cache_for(weights, spec_here), pixels, dict(ckpt=ckpt, ema=args.ema), log)
         if record is not None:
             records.append(record)
+            track({name: record}, args, out_dir)
             if record.get("perblock"):
                 curves[name] = record["perblock"]
             if args.plots and not several:

@@ -163,13 +163,58 @@ def jsonable(value):
     return str(value)
 
 
+class Trackers:
+    """Optional experiment trackers that mirror what log.jsonl holds: Weights & Biases (--wandb PROJECT) and
+    TensorBoard (--tensorboard). Their packages are imported only when asked for; a missing one is one sentence. A
+    resumed run continues the same W&B run (its id is kept in RUN_DIR/wandb_id.txt)."""
+
+    def __init__(self, run_dir, args, name=None):
+        self.wandb = self.writer = None
+        if getattr(args, "wandb", None):
+            try:
+                import wandb                           # optional: only with --wandb
+            except ImportError:
+                raise SystemExit("--wandb needs the wandb package, which is not installed; pip install wandb, or drop "
+                                 "--wandb.") from None
+            id_file = os.path.join(run_dir, "wandb_id.txt")
+            run_id = open(id_file).read().strip() if os.path.isfile(id_file) else wandb.util.generate_id()
+            with open(id_file, "w") as f:
+                f.write(run_id)
+            self.wandb = wandb.init(project=args.wandb, id=run_id, resume="allow", dir=run_dir, config=jsonable(
+                vars(args)), name=name or os.path.basename(os.path.abspath(run_dir)))
+        if getattr(args, "tensorboard", False):
+            try:
+                from torch.utils.tensorboard import SummaryWriter     # optional: only with --tensorboard
+            except ImportError:
+                raise SystemExit("--tensorboard needs the tensorboard package, which is not installed; pip install "
+                                 "tensorboard, or drop --tensorboard.") from None
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def log(self, step, record):
+        """record: the log.jsonl record; its numbers go to every tracker at `step`."""
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "step"}
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        if self.writer is not None:
+            for key, value in numbers.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.writer is not None:
+            self.writer.close()
+
+
 class RunLogger:
     """Run-directory logging (main rank only): config.json and env.json at start, then `log()` lines to
-    stdout and log.jsonl, and `plot_losses()` at the end."""
+    stdout, log.jsonl and the optional trackers (Trackers), and `plot_losses()` at the end."""
 
     def __init__(self, run_dir, args, dist):
         self.run_dir, self.is_main = run_dir, dist.is_main
         self.path = os.path.join(run_dir, "log.jsonl")
+        self.trackers = None
         if not self.is_main:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -187,6 +232,7 @@ class RunLogger:
                 env[package] = None
         with open(os.path.join(run_dir, "env.json"), "w") as f:
             json.dump(env, f, indent=2)
+        self.trackers = Trackers(run_dir, args)
 
     def log(self, step, epoch, **metrics):
         """One stdout line and one log.jsonl record. Known keys are formatted: lr, img_s, eta_s, mem_gb."""
@@ -199,6 +245,7 @@ class RunLogger:
                 f.write(json.dumps(record) + "\n")
         except OSError as error:             # a full disk loses a log line, not the run (the save says more)
             print(f"[trainer] could not append to {self.path} ({error.strerror}); training goes on", flush=True)
+        self.trackers.log(step, record)
         parts = [f"step {step}", f"epoch {epoch:.2f}" if isinstance(epoch, float) else f"epoch {epoch}"]
         for key, value in record.items():
             if key in ("step", "epoch"):
@@ -229,6 +276,10 @@ class RunLogger:
             with open(tmp, "w") as f:
                 f.writelines(kept)
             os.replace(tmp, self.path)
+
+    def close(self):
+        if self.trackers is not None:
+            self.trackers.close()
 
     def plot_losses(self):
         """Every numeric key starting with 'loss' against the step, from log.jsonl, into loss.png."""
@@ -516,6 +567,7 @@ class Trainer:
         if self.last_checkpoint_step != self.global_step:
             self.save()
         self.logger.plot_losses()
+        self.logger.close()
         self._restore_signal_handlers()
 
     # -- checkpoints -----------------------------------------------------------------------------------
