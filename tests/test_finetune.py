@@ -223,6 +223,19 @@ def test_seeded_timm_augmentation_depends_on_seed_epoch_and_index_only():
     assert random.getstate() == python_state and np.array_equal(np.random.get_state()[1], numpy_state[1])
 
 
+def test_randaugment_posterize_at_the_top_magnitude_keeps_one_bit():
+    """m9 + noise reaches magnitude 10, where timm's PosterizeIncreasing asks PIL for 0 bits (Pillow 13 raises)."""
+    transform = finetune.train_transform(32).transform
+    posterize = [op for op in finetune._augment_ops(transform) if op.name == "PosterizeIncreasing"]
+    assert len(posterize) == 1 and len(list(finetune._augment_ops(transform))) == 15
+    op = posterize[0]
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0
+    image = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)).convert("RGB")
+    assert sorted(set(np.asarray(op(image)).flatten().tolist())) == [0, 128]
+    others = [op for op in finetune._augment_ops(transform) if op.name != "PosterizeIncreasing"]
+    assert all(op.magnitude_max is None for op in others)         # timm's default clip at 10
+
+
 def test_topk_hits_against_brute_force():
     torch.manual_seed(0)
     logits, labels = torch.randn(50, 3, 12), torch.randint(0, 12, (50,))
@@ -357,6 +370,14 @@ def test_probe_features_equal_the_feature_extractor():
     last = extract_features(vit, val_loader, tokens="cls+mean")["features"]
     last4 = extract_features(vit, val_loader, tokens="cls", blocks=[-4, -3, -2, -1])["features"]
     assert torch.allclose(ours["cls+mean"], last, atol=1e-6) and torch.allclose(ours["cls:last4"], last4, atol=1e-6)
+
+
+def test_probe_from_scratch_is_a_random_encoder_of_the_preset(tmp_path):
+    summary = probe.main(["--model", "vit_micro", "--from_scratch", "--epochs", "1", "--eval", "none",
+                          "--lr_grid", "0.1", "--output_dir", str(tmp_path / "run")] + SMALL)
+    assert summary["ckpt"] == "random init" and summary["steps"] == 5
+    with pytest.raises(SystemExit, match="takes no --ckpt"):
+        probe.get_args(["--from_scratch", "--ckpt", "x.pth"])
 
 
 def test_probe_cli_with_the_cached_probe_next_to_it(tmp_path):
