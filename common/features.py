@@ -132,7 +132,8 @@ def extract_features(vit, loader, tokens="cls", final_norm=True, blocks=None, bl
     """Frozen features of every sample of a loader, in loader order, from one forward pass per batch.
 
     tokens, final_norm, blocks: which features (module docstring). block_cls: also every block's raw CLS token.
-    dtype: autocast dtype (default bf16 on CUDA, fp32 on CPU). vit may be wrapped (DDP, torch.compile).
+    dtype: autocast dtype (default bf16 on CUDA, fp32 on CPU). vit may be wrapped (DDP, torch.compile); an encoder
+    without CLS token and blocks (the hierarchical MixMIM) gives its forward_features (pooled final tokens).
     Returns {'features': (N, F), 'labels': (N,) int64 (-1 = unlabelled), 'block_cls': {i: (N, D)} if block_cls},
     float32 on the CPU, on rank 0 (None on the other ranks of a distributed run with a ShardSampler loader).
     """
@@ -140,6 +141,29 @@ def extract_features(vit, loader, tokens="cls", final_norm=True, blocks=None, bl
     parts = parse_tokens(tokens)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if hasattr(model, "forward_intermediates"):
+        featurize = _vit_featurize(model, parts, final_norm, blocks, block_cls, device, dtype)
+    else:                                    # a hierarchical (MixMIM) encoder: no CLS token, no blocks to read
+        def featurize(images):              # its pooled final tokens (the fine-tuning head's input)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return {"features": model.forward_features(images.to(device, non_blocking=True))}
+        block_cls = False
+
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = _collect(loader, featurize)
+    finally:
+        model.train(was_training)
+    if outputs is None:
+        return None
+    if block_cls:
+        outputs["block_cls"] = {key[1]: outputs.pop(key) for key in list(outputs) if isinstance(key, tuple)}
+    return outputs
+
+
+def _vit_featurize(model, parts, final_norm, blocks, block_cls, device, dtype):
+    """images -> {'features': pooled tokens, ('block', i): raw CLS of block i}, one forward pass of a ViT."""
     pooled_blocks = None if blocks is None else [b % model.depth for b in blocks]
     wanted = set(pooled_blocks or ()) | (set(range(model.depth)) if block_cls else set())
     if not final_norm and pooled_blocks is None:
@@ -157,17 +181,7 @@ def extract_features(vit, loader, tokens="cls", final_norm=True, blocks=None, bl
             out.update({("block", b): raw[b][:, 0] for b in range(model.depth)})
         return out
 
-    was_training = model.training
-    model.eval()
-    try:
-        outputs = _collect(loader, featurize)
-    finally:
-        model.train(was_training)
-    if outputs is None:
-        return None
-    if block_cls:
-        outputs["block_cls"] = {key[1]: outputs.pop(key) for key in list(outputs) if isinstance(key, tuple)}
-    return outputs
+    return featurize
 
 
 def pixel_features(loader, max_side=32):

@@ -347,7 +347,7 @@ def test_one_class_data_keeps_every_result_that_can_be_measured(tmp_path):
              "--num_workers", "0", "--img_size", "32", "--probe_epochs", "2", "--kmeans_n_init", "1",
              "--out_dir", str(tmp_path / "out")])
     record = json.loads(open(tmp_path / "out" / "eval.jsonl").readline())
-    assert record["knn"]["10"] == 100.0 and record["linear"]["best"] == 100.0 and "acc" in record["cluster"]
+    assert record["knn"]["10"] == 100.0 and record["linear_cached"]["best"] == 100.0 and "acc" in record["cluster"]
     assert "2 classes" in record["lowshot"]["error"]
 
 
@@ -373,8 +373,8 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     records = [json.loads(line) for line in open(tmp_path / "out" / "eval.jsonl")]
     assert [r["ckpt"] for r in records] == [str(ckpt), "pixels"]
     model, pixels = records
-    assert set(model) >= {"knn", "perblock", "linear", "lowshot", "cluster", "pixels_knn"}
-    assert len(model["perblock"]) == vit.depth and "perblock" not in pixels and "linear" in pixels
+    assert set(model) >= {"knn", "perblock", "linear_cached", "lowshot", "cluster", "pixels_knn"}
+    assert len(model["perblock"]) == vit.depth and "perblock" not in pixels and "linear_cached" in pixels
     assert_real_png(str(tmp_path / "out" / "knn_per_block.png"))
     assert model["n_train"] == 200 and model["n_test"] == 100
     assert set(model["lowshot"]) == {"1", "2"} and len(model["lowshot"]["2"]["accs"]) == 2
