@@ -24,7 +24,7 @@ loss_image, loss.png, eval.jsonl, knn_per_block.png):
     torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \\
         mimco.py --model vit_b --data /imagenet --teacher vit-b-300ep.pth.tar        # NODE = 0 / 1
     python mimco.py ... --resume auto                          # continue from <output_dir>/checkpoint-last.pth
-    python -m common.eval --ckpt runs/mimco/checkpoint-last.pth --data /imagenet --protocol knn,linear
+    python -m common.eval --ckpt runs/mimco/checkpoint-last.pth --data /imagenet --protocol knn,linear_cached
 MoCo v3 teachers: vit-s-300ep.pth.tar / vit-b-300ep.pth.tar from facebookresearch/moco-v3 CONFIG.md (their
 linear probe 73.2 / 76.7, fine-tune 81.4 / 83.2), the default teacher of vit_s / vit_b (downloaded once into
 torch.hub's cache); common/checkpoints.py reads `module.base_encoder.*`. Memory: --grad_checkpointing for the student.

@@ -1,4 +1,5 @@
-"""MixMIM / MixMAE: mixed and masked image modeling with dual reconstruction, on the shared plain ViT.
+"""MixMIM / MixMAE: mixed and masked image modeling with dual reconstruction, on the paper's hierarchical encoder or
+on the shared plain ViT.
 
 Paper: Liu, Huang, Zhou, Li, Dai, "MixMIM: Mixed and Masked Image Modeling for Efficient Visual Representation
 Learning", arXiv 2205.13137 (https://arxiv.org/abs/2205.13137); published at CVPR 2023 as "MixMAE: Mixed and
@@ -6,31 +7,49 @@ Masked Autoencoder for Efficient Pretraining of Hierarchical Vision Transformers
 
 Idea. MAE replaces 75 % of the patches by nothing; MixMIM replaces 50 % of one image's patches by the patches
 of another image (the batch reversed), so the encoder sees a full-size input with no [MASK] tokens and no
-wasted positions. Attention is restricted to tokens of the same source image, so each image is encoded
-separately inside one sequence. The decoder then runs twice per mixed input ("dual reconstruction"): once
-keeping image A's tokens and filling the rest with a mask token, once keeping image B's; each copy
-reconstructs the patches its image lost. "Unmixing" picks, for every patch of every image, the one
-prediction made where that patch was hidden, and the loss is the mean squared error against per-patch
-normalised pixels (norm-pix) over all patches.
+wasted positions, which is what a hierarchical encoder (windows, patch merging) needs: it cannot drop tokens.
+Attention is restricted to tokens of the same source image, so each image is encoded separately inside one
+input. The decoder then runs twice per mixed input ("dual reconstruction"): once keeping image A's tokens and
+filling the rest with a mask token, once keeping image B's; each copy reconstructs the cells its image lost.
+"Unmixing" picks, for every cell of every image, the one prediction made where that cell was hidden, and the
+loss is the mean squared error against per-cell normalised pixels (norm-pix) over all cells.
+
+Two encoders, chosen by --model:
+  - mixmim_b / mixmim_l / mixmim_h: the paper's network (common/mixmim_hierarchical.py: a Swin without shifted
+    windows, widths 128 / 192 / 352, depths [2, 2, 18, 2], windows [14, 14, 14, 7], relative position bias, patch
+    merging, no CLS token; 32 px mixing cells = final-stage tokens; decoder on the 7 x 7 grid predicting 32 x 32 x 3).
+    Its parameter names are the official ones: the released pre-trained files load whole with --ckpt (and into
+    common.eval / common.finetune), and loss, prediction and mask equal the official model's for the same weights
+    and noise (fp32, within 2e-6; the comparison is in that module's docstring). This is the variant that
+    reproduces the paper: pre-train 600 epochs with `--model mixmim_b`, then fine-tune with
+    `python -m common.finetune --model mixmim_b` (MixMIM-B 85.1 % top-1, Sense-X/MixMIM README). mixmim_cpu: the
+    same network at 32 px for the built-in data.
+  - vit_*: the idea on the shared plain ViT, a teaching variant: the same mixing, masks, decoder and loss, but no
+    number of the paper is reproduced by it (the paper reports none for plain ViTs) and no released file fits it.
 
 Commands (run directory: --output_dir, default runs/mixmim):
     python mixmim.py                                              # built-in data, vit_mini, 2 CPU cores
-    python mixmim.py --model vit_b --data /imagenet               # one GPU: 128 per step x 16 accumulated = 2048
-    torchrun --nproc_per_node 8 mixmim.py --model vit_b --data /imagenet          # 128 x 8 GPUs x 2 accumulated
+    python mixmim.py --model mixmim_cpu                           # built-in data, the hierarchical encoder
+    torchrun --nproc_per_node 8 mixmim.py --model mixmim_b --data /imagenet        # the paper: 128 x 8 x 2 = 2048
     torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \\
-        mixmim.py --model vit_l --data /imagenet                 # two nodes, 128 x 16 = 2048 as the official run
+        mixmim.py --model mixmim_b --data /imagenet               # two nodes, 128 x 16 = 2048 as the official run
+    python mixmim.py --model vit_b --data /imagenet               # the plain ViT, one GPU: 128 x 16 accumulated
     python mixmim.py ... --resume auto                            # continue from <output_dir>/checkpoint-last.pth
-    python -m common.eval --ckpt runs/mixmim/checkpoint-last.pth --data /imagenet --protocol knn,linear
+    python mixmim.py --model mixmim_b --ckpt mixmim_base.pth ...  # start from a released (or our) MixMIM file
+    python -m common.eval --ckpt runs/mixmim/checkpoint-last.pth --data /imagenet --protocol knn,linear_cached
+    python -m common.finetune --model mixmim_b --ckpt runs/mixmim/checkpoint-last.pth --data /imagenet
 The global batch is the official 2048 on any number of GPUs (--global_batch; 128 images per GPU per forward pass,
 gradients accumulated to 2048: 8 GPUs accumulate 2, one GPU 16, so the LR is the official one everywhere).
 Memory: --grad_checkpointing recomputes the encoder's activations, --batch_size lowers the per-GPU micro-batch.
+The features evaluated (end of run, --knn_every, common.eval) are the hierarchical encoder's mean final token after
+its final norm (the fine-tuning head's input) and the plain ViT's CLS token.
 
 Expected results. Official (hierarchical Swin-B/W14 encoder, 600 epochs, ImageNet-1K fine-tuned top-1,
 Sense-X/MixMIM README): MixMIM-B 85.1, MixMIM-L 85.9; mmpretrain's 300-epoch re-run of B: 84.63. Plain-ViT
-numbers are not published, so none is promised here. Cost: the encoder runs on all 196 tokens of every image
-(MAE's on 49), so a ViT-B step costs roughly 3x an MAE step at the same batch (our estimate from FLOPs); the
-official run used 16 GPUs x 128 images. The default CPU run's measured numbers, wall time and the shorter runs
-tried are in the README ("Results on the built-in data").
+numbers are not published, so none is promised here. Cost: the encoder runs on every token of every image (MAE's
+on a quarter), so a plain ViT-B step costs roughly 3x an MAE step at the same batch (our estimate from FLOPs); the
+official run used 16 GPUs x 128 images. The CPU runs' measured numbers and wall times are in the README
+("Results on the built-in data").
 
 What is the official method (Sense-X/MixMIM: models_mixmim.py, main_pretrain.py, exp/base_600ep/pretrain.sh):
   - one random mask per batch, drawn by each GPU, ratio 0.5, int(cells * 0.5) cells from the partner;
@@ -38,27 +57,43 @@ What is the official method (Sense-X/MixMIM: models_mixmim.py, main_pretrain.py,
   - mixing of the patch embeddings before the (fixed sin-cos) position embedding: x = x(1-m) + flip(x) m;
   - no token attends to a token of the other image, in every encoder block; the decoder is unmasked;
   - decoder: Linear to 512, 8 blocks, 16 heads, MLP 4x, LayerNorm eps 1e-5, fixed sin-cos, run on the doubled
-    batch [keep A; keep B] with one shared mask token; Linear to p*p*3;
-  - loss: mean over all patches of (unmix(pred) - norm_pix(target))^2, unbiased var, eps 1e-6;
+    batch [keep A; keep B] with one shared mask token; Linear to 32*32*3 per cell;
+  - loss: mean over all cells of (unmix(pred) - norm_pix(target))^2, unbiased var, eps 1e-6;
   - recipe: batch 2048, AdamW (0.9, 0.95), wd 0.05, blr 1.5e-4 (lr = blr * batch / 256), 40 warm-up epochs,
-    cosine to 0, 600 epochs, RandomResizedCrop(224, 0.2-1, bicubic) + flip, no drop path.
-What is ours (the official encoder is a hierarchical Swin without shifts):
-  - the encoder is the shared plain ViT (LayerNorm eps 1e-6, MAE's init) with global attention; the
-    group mask goes through kernels.attention(q, k, v, groups) (Triton on GPU) instead of a -1e30 logit bias;
-  - mixing unit (--mix_unit, in patches per side): default 2 patches = 32 px at patch 16, the official 32 px
-    cell (7x7 cells at 224 px, 24 from the partner, exactly as the official mask); on the 32 px CPU data, 2
+    cosine to 0, 600 epochs, RandomResizedCrop(224, 0.2-1, bicubic) + flip, no drop path (mixmim_b/l/h: all
+    official; L and H take B's script, the only one released).
+What is ours:
+  - the hierarchical variant: see common/mixmim_hierarchical.py (its attention goes through
+    kernels.attention(q, k, v, groups, bias) with the relative-position bias; the CPU preset mixmim_cpu, 3 stages
+    of patch 2 at 32 px, 4 x 4 mixing cells of 8 px, decoder 128 / 2 / 4, is our choice);
+  - the plain-ViT variant: the encoder is the shared plain ViT (LayerNorm eps 1e-6, MAE's init) with global
+    attention; mixing unit (--mix_unit, in patches per side): default 2 patches = 32 px at patch 16, the official
+    32 px cell (7x7 cells at 224 px, 24 from the partner, exactly as the official mask); on the 32 px CPU data, 2
     patches = 8 px cells (4x4 grid). --mix_unit 1 mixes single tokens;
-  - CLS: the official model has none. We give each group its own CLS token (two copies of the one cls_token
-    parameter, one attending only to image A's tokens, one only to image B's) and pass each to its decoder
-    copy as MAE does, so the CLS is trained and every CLS-based protocol (k-NN, linear probe, fine-tuning)
-    applies unchanged; the checkpoint keeps timm's single cls_token;
-  - tokens are sorted by group before the encoder (one permutation for the batch: [CLS_A, A's patches,
-    CLS_B, B's patches]) and unsorted after it. Position is added before, so the math is the same in any
-    order (tests/test_mixmim.py proves it); contiguous groups let the attention kernel skip the tiles where
-    the two images meet, so each image costs about half of dense attention (--no_sort_groups to compare);
-  - the decoder predicts the p x p pixels of each patch (patch 16: 14x14 grid; the official decoder predicts
-    32 px cells on 7x7), so the loss is the same unmix MSE at patch resolution;
-  - CPU presets (vit_micro / vit_mini): smaller decoders, global batch 64 and 20 epochs, our choice;
+  - plain ViT, CLS: the official model has none. We give each group its own CLS token (two copies of the one
+    cls_token parameter, one attending only to image A's tokens, one only to image B's) and pass each to its
+    decoder copy as MAE does, so the CLS is trained and every CLS-based protocol (k-NN, linear probe,
+    fine-tuning) applies unchanged; the checkpoint keeps timm's single cls_token;
+  - plain ViT, attention inside each image (--group_attention): tokens are sorted by group once before the
+    encoder ([CLS_A, A's patches, CLS_B, B's patches]) and unsorted after it; position is added before, so the
+    math is the same in any order (tests/test_mixmim.py). With the official ratio 0.5 both groups hold the same
+    number of tokens, so the sorted batch (B, 2n, D) is reshaped to (2B, n, D) and every block runs plain dense
+    attention on half-length sequences ('split', the default): exact (no op of a block mixes tokens except
+    attention), no mask, no gather per block, and ordinary flash attention on a GPU. 'mask' (and any ratio that
+    makes the groups unequal, where split is impossible and the model falls back to it) runs one sequence through
+    kernels.attention(q, k, v, groups), our group-masked flash kernel, which skips the tiles where the two images
+    meet. Why split is the default: on one H100 (kernels/BENCHMARKS.md, ViT-B shapes B 128, 12 heads, N 196,
+    d 64, bf16, forward + backward) our kernel takes 0.731 ms where dense SDPA over all 196 tokens takes 0.424 ms,
+    and split does half of dense's work (two 98-token sequences), so split should be the faster exact formulation
+    on a GPU: an inference from those two rows; split's own row, "split + SDPA", is in `python -m kernels.bench
+    attn` and has not been run on a GPU yet. On 2 CPU cores (torch reference backend, fp32, forward + backward of
+    the whole model, best of 5 / 3 steps) the two are within noise: vit_mini at batch 64 0.85 s (split) vs 0.95 s
+    (mask), ViT-B at 224 px batch 8 10.6 s vs 10.0 s (attention is a small part of a CPU step). The kernel stays where only it can work: the hierarchical
+    encoder's windows, each holding a different, unequal mix of the two images;
+  - plain ViT: the decoder predicts the p x p pixels of each patch (patch 16: 14x14 grid; the official decoder
+    predicts 32 px cells on 7x7), so the loss is the same unmix MSE at patch resolution;
+  - CPU presets (vit_micro / vit_mini, mixmim_micro / mixmim_cpu): smaller decoders, global batch 64 and 20
+    epochs, our choice;
   - an odd batch per process is refused (the official code would mix the middle image with itself).
 """
 import os
@@ -68,7 +103,8 @@ import torch
 import torch.nn as nn
 from torchvision.transforms import v2
 
-from common import config, data, distributed, eval as evaluation, optim, trainer as training
+from common import config, data, distributed, eval as evaluation, mixmim_hierarchical as hierarchical, optim
+from common import trainer as training
 from common.checkpoints import start_from
 from common.plots import plot_image_grid
 from common.vit import Block, create_vit, get_2d_sincos_pos_embed
@@ -78,28 +114,40 @@ from common.vit import Block, create_vit, get_2d_sincos_pos_embed
 # models_mixmim.py decoder 512/8/16); our choice for the 32 px CPU presets.
 # ----------------------------------------------------------------------------------------------------------
 PAPER = dict(epochs=600, global_batch=2048, batch_size=128, blr=1.5e-4, warmup_epochs=40, weight_decay=0.05,
-             crop_min=0.2, mask_ratio=0.5, mix_unit=2, decoder=[512, 8, 16])
+             crop_min=0.2, mask_ratio=0.5, decoder=[512, 8, 16])
 CPU = dict(epochs=20, global_batch=64, blr=2e-3, warmup_epochs=2, weight_decay=0.05, crop_min=0.2, mask_ratio=0.5,
-           mix_unit=2, log_every=20, knn_every=5)
+           log_every=20, knn_every=5)
+PLAIN = dict(mix_unit=2, group_attention="split")             # the plain-ViT variant's own flags
 RECIPES = {
-    "vit_mini": dict(CPU, decoder=[128, 2, 4]),
-    "vit_micro": dict(CPU, decoder=[32, 1, 2], knn_every=0),    # tests only
-    **{name: PAPER for name in ("vit_t", "vit_s", "vit_b", "vit_l", "vit_h", "vit_2b")},
+    # The paper's hierarchical encoder (common/mixmim_hierarchical.py): the official widths and B's recipe
+    # (exp/base_600ep/pretrain.sh); no script for L or H is released, so they take B's recipe (our choice).
+    **{name: PAPER for name in ("mixmim_b", "mixmim_l", "mixmim_h")},
+    "mixmim_cpu": dict(CPU, decoder=[128, 2, 4]),
+    "mixmim_micro": dict(CPU, decoder=[32, 1, 2], knn_every=0),         # tests only
+    # The plain ViT (the teaching variant).
+    "vit_mini": dict(CPU, **PLAIN, decoder=[128, 2, 4]),
+    "vit_micro": dict(CPU, **PLAIN, decoder=[32, 1, 2], knn_every=0),   # tests only
+    **{name: dict(PAPER, **PLAIN) for name in ("vit_t", "vit_s", "vit_b", "vit_l", "vit_h", "vit_2b")},
 }
+HIERARCHICAL = tuple(hierarchical.PRESETS)
 
 
 def add_arguments(parser):
     parser.add_argument("--mask_ratio", type=float, help="fraction of mixing cells taken from the partner image "
                         "(official 0.5)")
-    parser.add_argument("--mix_unit", type=int, help="side of a mixing cell in patches: 2 = the official 32 px cell "
-                        "at patch 16; 1 = single patches")
+    parser.add_argument("--mix_unit", type=int, help="plain ViT: side of a mixing cell in patches: 2 = the official "
+                        "32 px cell at patch 16; 1 = single patches (the hierarchical encoder's cell is its final token)")
     parser.add_argument("--crop_min", type=float, help="RandomResizedCrop scale (crop_min, 1) (official 0.2)")
     parser.add_argument("--decoder", type=int, nargs=3, metavar=("DIM", "DEPTH", "HEADS"),
                         help="decoder width, depth, heads (official 512 8 16)")
     parser.add_argument("--no_norm_pix_loss", action="store_true",
                         help="regress raw (normalised-image) pixels instead of per-patch normalised ones")
-    parser.add_argument("--no_sort_groups", action="store_true", help="run the encoder on tokens in grid order "
-                        "instead of sorted by group (same math, slower group-masked attention)")
+    parser.add_argument("--group_attention", choices=("split", "mask"), help="plain ViT: how attention is kept "
+                        "inside each image: 'split' runs the two images as two dense sequences (exact when both have "
+                        "the same number of tokens, e.g. mask ratio 0.5; otherwise 'mask' is used), 'mask' one "
+                        "sequence through the group-masked attention kernel")
+    parser.add_argument("--no_sort_groups", action="store_true", help="plain ViT: run the encoder on tokens in grid "
+                        "order instead of sorted by group (same math, group-masked attention without tile skipping)")
 
 
 def get_args(argv=None):
@@ -110,6 +158,10 @@ def get_args(argv=None):
         raise SystemExit(f"--mask_ratio {args.mask_ratio} must lie strictly between 0 and 1 (official 0.5).")
     if not 0 < args.crop_min <= 1:
         raise SystemExit(f"--crop_min {args.crop_min} must be in (0, 1] (official 0.2).")
+    plain_only = sorted(set(args.given) & {"mix_unit", "group_attention", "no_sort_groups"})
+    if args.model in HIERARCHICAL and plain_only:
+        raise SystemExit(f"--{plain_only[0]} applies to the plain-ViT variant only, not to --model {args.model} (the "
+                         "hierarchical encoder mixes final-stage tokens and masks attention in every window); drop it.")
     return args
 
 
@@ -210,14 +262,17 @@ class MixMIM(nn.Module):
     """
 
     def __init__(self, encoder, decoder_dim=512, decoder_depth=8, decoder_heads=16, mix_unit=2,
-                 norm_pix_loss=True, sort_groups=True):
+                 norm_pix_loss=True, sort_groups=True, group_attention="split"):
         super().__init__()
         self.encoder = encoder
         gh, gw = encoder.grid_size
         if gh % mix_unit or gw % mix_unit:
             raise ValueError(f"--mix_unit {mix_unit} does not divide the {gh}x{gw} patch grid; "
                              "pick a divisor of the grid side (1 mixes single patches).")
+        if group_attention not in ("split", "mask"):
+            raise ValueError(f"group_attention {group_attention!r} is not 'split' or 'mask'.")
         self.mix_unit, self.norm_pix_loss, self.sort_groups = mix_unit, norm_pix_loss, sort_groups
+        self.group_attention = group_attention
         self.num_cells = (gh // mix_unit) * (gw // mix_unit)
         p = encoder.patch_size
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
@@ -240,12 +295,18 @@ class MixMIM(nn.Module):
         cells = random_cell_mask(self.num_cells, mask_ratio, noise, device)
         return cells_to_tokens(cells, self.encoder.grid_size, self.mix_unit)
 
-    def forward_encoder(self, imgs, mask, return_blocks=()):
+    def partner_tokens(self, mask_ratio):
+        """How many tokens of a mask drawn with mask_ratio come from the partner (known without reading the mask)."""
+        return int(self.num_cells * mask_ratio) * self.mix_unit ** 2
+
+    def forward_encoder(self, imgs, mask, return_blocks=(), partner_tokens=None):
         """imgs (B, 3, H, W), mask (L,) -> (latent (B, 2+L, D) after the final norm in the order
         [CLS of image i's group, CLS of the partner's group, mixed patch tokens in grid order], {block: raw out}).
 
         Groups: 0 = CLS_A and the patches of image i (mask 0), 1 = CLS_B and the partner's (mask 1); attention
-        never crosses groups, so each group's outputs depend only on its own image.
+        never crosses groups, so each group's outputs depend only on its own image. partner_tokens: the number of
+        ones in mask when the caller knows it (forward does; otherwise it is read from the mask), which decides
+        whether the two groups can run as two dense sequences (group_attention 'split': equal sizes).
         """
         vit = self.encoder
         tokens = mix(vit.patch_embed(imgs), mask)                                   # mix before position
@@ -258,7 +319,18 @@ class MixMIM(nn.Module):
             order = torch.argsort(groups, stable=True)
             restore = torch.argsort(order)
             x, groups = x[:, order], groups[order]
-        x, block_outputs = vit.run_blocks(x, groups.expand(len(imgs), -1), return_blocks)
+        if partner_tokens is None and self.group_attention == "split":
+            partner_tokens = int(mask.sum())
+        if self.sort_groups and self.group_attention == "split" and 2 * partner_tokens == mask.numel():
+            # Two dense sequences: after the sort, row b is [group 0 | group 1] of equal length n, so (B, 2n, D)
+            # is (2B, n, D) with each group a sequence of its own; every other op of a block is per token, so the
+            # blocks compute exactly what the group mask would, with plain attention on half-length sequences.
+            B, N, D = x.shape
+            x, block_outputs = vit.run_blocks(x.reshape(2 * B, N // 2, D), None, return_blocks)
+            x = x.reshape(B, N, D)
+            block_outputs = {i: out.reshape(B, N, D) for i, out in block_outputs.items()}
+        else:
+            x, block_outputs = vit.run_blocks(x, groups.expand(len(imgs), -1), return_blocks)
         x = vit.norm(x)
         if self.sort_groups:
             x = x[:, restore]
@@ -281,37 +353,67 @@ class MixMIM(nn.Module):
 
     def forward(self, imgs, mask_ratio=0.5, noise=None):
         mask = self.draw_mask(mask_ratio, noise, imgs.device)
-        latent, _ = self.forward_encoder(imgs, mask)
+        latent, _ = self.forward_encoder(imgs, mask, partner_tokens=self.partner_tokens(mask_ratio))
         pred = self.forward_decoder(latent, mask)
         loss, reconstruction = unmix_loss(pred, self.target(imgs), mask)
         return loss, reconstruction, mask
 
 
-def create_mixmim(name="vit_b", decoder=None, mix_unit=2, norm_pix_loss=True, sort_groups=True, **vit_overrides):
+def create_mixmim(name="vit_b", decoder=None, mix_unit=2, norm_pix_loss=True, sort_groups=True,
+                  group_attention="split", **vit_overrides):
     """MixMIM around create_vit(name, **vit_overrides) with a (width, depth, heads) decoder (default: the preset's
     recipe)."""
     encoder = create_vit(name, **vit_overrides)
-    return MixMIM(encoder, *(decoder or RECIPES[name]["decoder"]), mix_unit, norm_pix_loss, sort_groups)
+    return MixMIM(encoder, *(decoder or RECIPES[name]["decoder"]), mix_unit, norm_pix_loss, sort_groups,
+                  group_attention)
+
+
+def build_model(args):
+    """The model of --model: the hierarchical MixMIMPretrain for the mixmim_* presets, else MixMIM around the plain
+    ViT. -> (model, its encoder (what is evaluated and saved as 'encoder'))."""
+    size = {"img_size": args.img_size} if args.img_size else {}
+    if args.model in HIERARCHICAL:
+        try:
+            model = hierarchical.create_mixmim_hierarchical(
+                args.model, decoder_dim=args.decoder[0], decoder_depth=args.decoder[1], decoder_heads=args.decoder[2],
+                norm_pix_loss=not args.no_norm_pix_loss, **size)
+        except ValueError as error:
+            raise SystemExit(f"--model {args.model}: {error}") from None
+        return model, model                                     # encoder parameters at the top level, as official
+    model = create_mixmim(args.model, decoder=args.decoder, mix_unit=args.mix_unit,
+                          norm_pix_loss=not args.no_norm_pix_loss, sort_groups=not args.no_sort_groups,
+                          group_attention=args.group_attention, **size)
+    return model, model.encoder
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Pictures
 # ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
+def reconstruct(model, imgs, mask_ratio, noise):
+    """Either model on imgs -> (unmixed reconstruction (B, L, c*c*3) in the loss's units, mask (L,) 1 = partner,
+    cell side c in px, cell grid): the plain ViT's patches, or the hierarchical encoder's 32 px (stride) cells."""
+    if isinstance(model, hierarchical.MixMIMPretrain):
+        _, pred, mask = model(imgs, mask_ratio, noise)
+        return hierarchical.unmix(pred, mask), mask.reshape(-1), model.encoder_stride, model.cell_grid
+    _, reconstruction, mask = model(imgs, mask_ratio, noise)
+    return reconstruction, mask, model.encoder.patch_size, model.encoder.grid_size
+
+
+@torch.no_grad()
 def plot_reconstructions(model, imgs, path, mask_ratio=0.5, pairs=4, seed=0):
     """imgs (B, 3, H, W) normalised, B even -> PNG with one row per pair (image i, partner B-1-i): the two
     sources, the mixed input the encoder saw for image i, and both unmixed reconstructions. Norm-pix
-    predictions are put back in pixel units with each target patch's own mean and std (as MAE's demo)."""
+    predictions are put back in pixel units with each target cell's own mean and std (as MAE's demo)."""
     model.eval()
-    p, grid = model.encoder.patch_size, model.encoder.grid_size
     noise = torch.rand(model.num_cells, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
-    _, reconstruction, mask = model(imgs, mask_ratio, noise)
-    patches = patchify(imgs, p)
+    reconstruction, mask, c, grid = reconstruct(model, imgs, mask_ratio, noise)
+    patches = patchify(imgs, c)
     if model.norm_pix_loss:
         mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
         reconstruction = reconstruction * (var + 1e-6) ** 0.5 + mean
-    reconstruction = unpatchify(reconstruction, p, grid)
-    columns = {"image A": imgs, "image B (partner)": imgs.flip(0), "mixed input": unpatchify(mix(patches, mask), p, grid),
+    reconstruction = unpatchify(reconstruction, c, grid)
+    columns = {"image A": imgs, "image B (partner)": imgs.flip(0), "mixed input": unpatchify(mix(patches, mask), c, grid),
                "A reconstructed": reconstruction, "B reconstructed": reconstruction.flip(0)}
     return plot_image_grid(columns, path, rows=min(pairs, len(imgs) // 2))
 
@@ -322,17 +424,15 @@ def plot_reconstructions(model, imgs, path, mask_ratio=0.5, pairs=4, seed=0):
 def main(argv=None):
     args = get_args(argv)
     dist = training.setup(args)                                 # lr = blr x global batch / 256
-    model = create_mixmim(args.model, decoder=args.decoder, mix_unit=args.mix_unit,
-                          norm_pix_loss=not args.no_norm_pix_loss, sort_groups=not args.no_sort_groups,
-                          **({"img_size": args.img_size} if args.img_size else {}))
+    model, encoder = build_model(args)
     if args.batch_size % 2:
         raise SystemExit(f"--batch_size {args.batch_size} (images per process) is odd: MixMIM pairs image i with "
                          "image B-1-i, so the middle image would be mixed with itself; use an even batch per process.")
     if args.ckpt:
         start_from(args.ckpt, model)                            # the encoder (and decoder) from any supported file
-    model.encoder.set_grad_checkpointing(args.grad_checkpointing)
+    encoder.set_grad_checkpointing(args.grad_checkpointing)
     model.to(dist.device)
-    img_size = model.encoder.img_size[0]
+    img_size = encoder.img_size[0]
     train_set = data.build_dataset(args.data, "train", train_transform(img_size, args.crop_min), seed=args.seed,
                                    n_per_class=args.n_per_class)
     loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
@@ -341,12 +441,15 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(optim.param_groups(model.named_parameters(), args.weight_decay),
                                   lr=args.lr, betas=(0.9, 0.95))
     ddp_model = distributed.wrap_ddp(model, dist, compile=args.compile)
-    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=model.encoder,
-                           monitor=evaluation.monitor(model.encoder, args, dist))
+    run = training.Trainer(args, ddp_model, optimizer, loader, dist, encoder=encoder,
+                           monitor=evaluation.monitor(encoder, args, dist))
     if dist.is_main:
+        if args.model in HIERARCHICAL:
+            grid, cell = model.cell_grid, f"{model.encoder_stride} px (final-stage tokens)"
+        else:
+            grid, cell = [g // args.mix_unit for g in model.encoder.grid_size], f"{args.mix_unit}x{args.mix_unit} patches"
         print(f"[mixmim] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{model.num_cells} mixing cells of {args.mix_unit}x{args.mix_unit} patches, "
-              f"{run.total_steps} steps", flush=True)
+              f"{grid[0]}x{grid[1]} mixing cells of {cell}, {run.total_steps} steps", flush=True)
     start = time.time()
     for images, _, _ in run:
         with run.micro_batch():
@@ -363,7 +466,7 @@ def main(argv=None):
             path = plot_reconstructions(model, imgs, os.path.join(args.output_dir, "reconstructions.png"),
                                         args.mask_ratio)
             print(f"[mixmim] trained in {train_s:.0f} s; pictures: {path}", flush=True)
-    evaluation.end_of_run({f"mixmim {args.model}": model.encoder}, args, dist,
+    evaluation.end_of_run({f"mixmim {args.model}": encoder}, args, dist,
                           extra={"step": run.global_step, "train_s": round(train_s)})
     distributed.cleanup()
 

@@ -17,8 +17,10 @@ Formats detected (sources in brackets):
 - released MIM-Refiner weights (ml-jku/MIM-Refiner hubconf.py): {'state_dict': ...} with KappaModules names
   `cls_tokens.tokens`, `pos_embed.embed` (1, h, w, D).
 - plain timm `VisionTransformer` state dicts (`head.*`, `fc_norm.*` dropped).
-- Sense-X/MixMIM's hierarchical encoder (`absolute_pos_embed`, `layers.*`; pre-training files also hold the decoder):
-  loaded by name into mixmim_hierarchical.py's model, whose names are the official ones.
+- Sense-X/MixMIM's hierarchical encoder (`absolute_pos_embed`, `layers.*`; pre-training files also hold the decoder,
+  fine-tuning files the head): loaded by name into common/mixmim_hierarchical.py's model, whose names are the
+  official ones (build_encoder_from_checkpoint reads its architecture from the shapes). Ours: 'mixmim' in place
+  of 'vit'.
 
 Strictness (never silently partial): after remapping, a key of the model that the file lacks, or a key of
 the file that the model lacks, is an error naming the keys, except this documented allow-list:
@@ -35,7 +37,8 @@ import tempfile
 
 import torch
 
-from common.vit import PRESETS, create_vit, preset_of, resize_pos_embed
+from common import mixmim_hierarchical
+from common.vit import PRESETS, create_vit, preset_of, resize_pos_embed, vit_config
 
 log = logging.getLogger("checkpoints")
 
@@ -162,11 +165,12 @@ def to_timm_layout(obj, path="checkpoint", use_ema=False):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict; "
                               "pass a checkpoint saved by one of the supported codebases.")
     notes = []
-    if "encoder" in obj and "vit" in obj:
+    if "encoder" in obj and ("vit" in obj or "mixmim" in obj):
         key = "encoder_ema" if use_ema else "encoder"
         if key not in obj:
             raise CheckpointError(f"{path} has no '{key}' weights (saved without an EMA?); drop --ema.")
-        return "ours" + (" (EMA)" if use_ema else ""), dict(obj[key]), notes
+        fmt = "ours" if "vit" in obj else "mixmim (ours, hierarchical)"
+        return fmt + (" (EMA)" if use_ema else ""), dict(obj[key]), notes
     if use_ema:
         notes.append("use_ema ignored: only our checkpoints carry a separate EMA encoder")
 
@@ -308,16 +312,21 @@ def infer_vit_config(sd, fmt=""):
                 patch_size=patch, img_size=side * patch, post_norm="embed_norm.weight" in sd)
 
 
-def build_vit_from_checkpoint(path_or_url, use_ema=False, **overrides):
+def build_vit_from_checkpoint(path_or_url, use_ema=False, obj=None, **overrides):
     """Create the right ViT for a checkpoint (its architecture read from the file) and load it. Returns (vit, info);
     info also holds 'vit' (the create_vit arguments) and, for our own checkpoints, 'model_state' (the method
-    module's state dict) and 'args' (the run's flags), which the two-stage scripts use to continue from a stage."""
-    obj = read_file(path_or_url)
+    module's state dict) and 'args' (the run's flags), which the two-stage scripts use to continue from a stage.
+    A hierarchical MixMIM file is a CheckpointError (build_encoder_from_checkpoint builds either)."""
+    obj = read_file(path_or_url) if obj is None else obj
     ours = isinstance(obj, dict) and "vit" in obj and "encoder" in obj
     if ours:
         config = dict(obj["vit"])
     else:
         fmt, sd, _ = to_timm_layout(obj, path_or_url, use_ema)
+        if fmt.startswith("mixmim"):
+            raise CheckpointError(f"{path_or_url} holds the hierarchical MixMIM encoder, not a ViT; use it where a "
+                                  "MixMIM encoder is accepted (common.eval, common.finetune --model mixmim_b, "
+                                  "mixmim.py --model mixmim_b).")
         config = infer_vit_config(sd, fmt)
     config.update(overrides)
     vit = create_vit(**config)
@@ -326,8 +335,34 @@ def build_vit_from_checkpoint(path_or_url, use_ema=False, **overrides):
     return vit, info
 
 
+def build_encoder_from_checkpoint(path_or_url, use_ema=False, **overrides):
+    """The encoder of any checkpoint we read, built with the file's architecture and loaded strictly: a ViT
+    (build_vit_from_checkpoint) or the hierarchical MixMIM encoder (ours, or Sense-X/MixMIM's pre-training or
+    fine-tuning file, its architecture read from the shapes). Returns (encoder, info); info['vit'] is the
+    create_vit arguments or None, info['mixmim'] the MixMIM config or None."""
+    obj = read_file(path_or_url)
+    fmt, sd, _ = to_timm_layout(obj, path_or_url, use_ema)
+    if not fmt.startswith("mixmim"):
+        vit, info = build_vit_from_checkpoint(path_or_url, use_ema, obj=obj, **overrides)
+        return vit, dict(info, mixmim=None)
+    config = dict(obj["mixmim"]) if "mixmim" in obj else mixmim_hierarchical.infer_config(sd)
+    config.update(overrides)
+    try:
+        encoder = mixmim_hierarchical.create_mixmim_hierarchical(config.pop("name"), pretrain=False, **config)
+    except ValueError as error:
+        raise CheckpointError(f"{path_or_url}: {error}") from None
+    info = load_pretrained(encoder, path_or_url, use_ema=use_ema, obj=obj)
+    info.update(vit=None, mixmim=encoder.config(), model_state=obj.get("model") if "mixmim" in obj else None,
+                args=obj.get("args", {}) if "mixmim" in obj else {})
+    return encoder, info
+
+
 LOCAL_MAE = os.path.join("runs", "mae", "checkpoint-last.pth")
 CPU_PRESETS = ("vit_mini", "vit_micro")
+# The encoder file of the default `python mae.py` run (its RUN_DIR/encoder.pth), kept in the repository so that the
+# methods that start from MAE run on the built-in data without making it first (checksum and rebuild: README).
+SHIPPED_MAE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "starts",
+                           "mae_vit_mini_builtin.pth")
 FB_MAE = "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_{}.pth"      # facebookresearch/mae README
 MAECT_MAE = "https://ml.jku.at/research/maect/download/mae_reimpl_{}16.th"         # ml-jku/MAE-CT README
 OFFICIAL_STARTS = {
@@ -346,13 +381,27 @@ OFFICIAL_STARTS = {
 }
 
 
-def default_start(script, preset, log=print):
-    """The starting weights when --ckpt (MimCo: --teacher) is not given: the `python mae.py` run for the CPU presets
-    (the built-in data); for the paper presets the official release the paper started from (OFFICIAL_STARTS),
-    downloaded once into torch.hub's cache by read_file. Other presets have none: one sentence says so."""
+def save_encoder(path, encoder, args=None):
+    """The encoder alone, as a small file any script starts from (--ckpt): {'encoder', 'vit', 'args'} (our format,
+    without the method's modules, optimizer and RNG state of checkpoint-last.pth). Atomic, like every save."""
+    save_checkpoint(path, {"encoder": encoder.encoder_state_dict(), "vit": vit_config(encoder),
+                           "args": dict(args or {})})
+    return path
+
+
+def default_start(script, preset, log=print, data=None):
+    """The starting weights when --ckpt (MimCo: --teacher) is not given. CPU presets: the `python mae.py` run
+    (runs/mae/checkpoint-last.pth) when there is one, else, for vit_mini on the built-in data, the encoder of the
+    default `python mae.py` run shipped with the repository (SHIPPED_MAE). Paper presets: the official release the
+    paper started from (OFFICIAL_STARTS), downloaded once into torch.hub's cache by read_file. Other presets have
+    none: one sentence says so."""
     if preset in CPU_PRESETS:
         if os.path.isfile(LOCAL_MAE):
             return LOCAL_MAE
+        if preset == "vit_mini" and data in (None, "builtin") and os.path.isfile(SHIPPED_MAE):
+            log(f"[{script}] no --ckpt and no {LOCAL_MAE}: starting from the encoder of the default `python mae.py` "
+                f"run on the built-in data, shipped as {os.path.relpath(SHIPPED_MAE)} (`python mae.py` makes your own)")
+            return SHIPPED_MAE
         raise SystemExit(f"no --ckpt given and {LOCAL_MAE} does not exist; run `python mae.py` first, pass --ckpt "
                          "PATH to a pre-trained encoder, or --ckpt none for a random-init smoke test.")
     url = OFFICIAL_STARTS.get(script, {}).get(preset)

@@ -301,7 +301,8 @@ class SyntheticDataset(Dataset):
     `size` px (256 for 224 px models, so crops behave as on ImageNet), deterministic per index."""
 
     def __init__(self, size=256, length=100_000, num_classes=1000):
-        self.size, self.length, self.classes, self.labelled = size, length, [str(i) for i in range(num_classes)], True
+        # Its labels are random, so nothing evaluates on it (labelled=False: the end-of-run evaluation says so).
+        self.size, self.length, self.classes, self.labelled = size, length, [str(i) for i in range(num_classes)], False
 
     def __len__(self):
         return self.length
@@ -383,6 +384,29 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
+def labels_of(dataset):
+    """The class label of every sample of an IndexedDataset, without decoding an image: (N,) int64. Raises
+    SystemExit with one sentence when the dataset cannot tell them."""
+    base = dataset.base
+    if hasattr(base, "labels"):                                     # the built-in ShapesDataset
+        return np.asarray(base.labels, dtype=np.int64)
+    if hasattr(base, "samples"):                                    # an image folder
+        return np.asarray([label for _, label in base.samples], dtype=np.int64)
+    inner = getattr(base, "base", None)                             # CIFAR-10 (targets), STL-10 (labels)
+    for name in ("targets", "labels"):
+        if inner is not None and hasattr(inner, name):
+            return np.asarray(getattr(inner, name), dtype=np.int64)
+    raise SystemExit(f"cannot read the labels of {type(base).__name__} for a class-balanced subset; use the whole "
+                     "train split (--train_fraction 1) or --data FOLDER.")
+
+
+def every_kth_per_class(dataset, k):
+    """Indices of every k-th sample of each class (in dataset order), sorted: a class-balanced 1 / k of the
+    dataset whatever its order (the built-in data interleaves its classes; an image folder sorts them)."""
+    labels = labels_of(dataset)
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[::k] for c in np.unique(labels)]))
+
+
 class Subset(Dataset):
     """Some samples of an IndexedDataset (e.g. every 10th train image for evaluation), keeping its attributes."""
 
@@ -395,6 +419,11 @@ class Subset(Dataset):
 
     def __getitem__(self, i):
         return self.dataset[self.indices[i]]
+
+    def set_epoch(self, epoch):
+        """Passed on to the dataset, so per-epoch augmentation seeds change on a subset too."""
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 def build_dataset(data, split, transform=None, seed=0, n_per_class=None):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from common import plots
-from common.checkpoints import CheckpointError, build_vit_from_checkpoint
+from common.checkpoints import CheckpointError, build_encoder_from_checkpoint
 from common.data import builtin_fingerprint
 from common.distributed import cleanup, init as init_distributed, rank, unwrap
 from common.trainer import Trackers
@@ -180,8 +180,14 @@ def evaluate(vit, loaders, spec, name, data, img_size, out_dir=None, device=None
     results = run_protocols(feats, spec, log)
     n_train, n_test = len(feats["train"]["labels"]), len(feats["val"]["labels"])
     n_classes = int(max(feats["train"]["labels"].max(), feats["val"]["labels"].max())) + 1
+    if vit is None:
+        features = "raw pixels"
+    elif hasattr(unwrap(vit), "forward_intermediates"):
+        features = spec.describe()
+    else:                                           # the hierarchical MixMIM encoder (common.features)
+        features = "mean final token after the final norm"
     log(format_table(f"{name} on {data or 'builtin'} ({n_train} train / {n_test} val images, {n_classes} classes, "
-                     f"{img_size} px): " + ("raw pixels" if vit is None else spec.describe()), results, pixels))
+                     f"{img_size} px): {features}", results, pixels))
     record = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), name=name, data=data or "builtin", img_size=img_size,
                   tokens="pixels" if vit is None else spec.tokens, final_norm=spec.final_norm,
                   blocks=list(spec.blocks) if spec.blocks else None, standardize=spec.standardize, n_train=n_train,
@@ -346,7 +352,7 @@ def get_args(argv=None):
     parser.add_argument("--n_per_class", type=int, nargs=2, default=None, metavar=("TRAIN", "VAL"),
                         help="built-in data only: images per class in train and val (default 1000 200)")
     parser.add_argument("--train_fraction", type=float, default=1.0,
-                        help="use every (1 / fraction)-th train image as the k-NN memory / probe train set")
+                        help="use every (1 / fraction)-th train image of each class as the k-NN memory / probe train set")
     parser.add_argument("--batch_size", type=int, default=256, help="feature extraction batch size")
     parser.add_argument("--num_workers", type=int, default=4, help="data loader workers (at most the CPU count)")
     parser.add_argument("--probe_epochs", type=int, default=50, help="linear_cached: epochs over the cached features")
@@ -386,6 +392,8 @@ def _data_key(args, img_size):
     """What the features of a dataset depend on, for the cache key."""
     key = dict(data=os.path.abspath(args.data) if os.path.isdir(str(args.data)) else args.data, img_size=img_size,
                n_per_class=list(args.n_per_class) if args.n_per_class else None, train_fraction=args.train_fraction)
+    if args.train_fraction < 1:
+        key["train_subset"] = "every k-th per class"   # not every k-th image: features of that older subset differ
     if args.data in (None, "builtin"):             # the generator may change between versions: key on its images
         key["images"] = builtin_fingerprint(args.n_per_class)
     return key
@@ -396,7 +404,7 @@ def _load(ckpt, args, device):
     if ckpt == "pixels":
         return None, "raw pixels", "pixels", args.out_dir or "."
     try:
-        vit, _ = build_vit_from_checkpoint(ckpt, use_ema=args.ema)
+        vit, _ = build_encoder_from_checkpoint(ckpt, use_ema=args.ema)
     except CheckpointError as error:                 # one sentence, no traceback
         raise SystemExit(str(error)) from None
     local = os.path.isfile(ckpt)
@@ -426,9 +434,9 @@ def main(argv=None):
         except OSError as error:
             raise SystemExit(f"--out_dir {out_dir} cannot be written ({error.strerror}); give a folder you can "
                              "write to with --out_dir.") from None
-        if vit is None:
+        if vit is None or not hasattr(vit, "blocks"):       # pixels, or an encoder without ViT blocks (MixMIM's)
             spec_here = dataclasses.replace(spec, protocols=tuple(p for p in spec.protocols if p != "perblock"))
-            img_size = args.img_size or default_img_size(args.data)
+            img_size = args.img_size or (default_img_size(args.data) if vit is None else vit.img_size[0])
         else:
             spec_here, img_size = spec, args.img_size or vit.img_size[0]
         loaders = build_eval_loaders(args.data, img_size, args.batch_size, args.num_workers, args.n_per_class,
@@ -458,7 +466,7 @@ def main(argv=None):
             if args.plots and not several:
                 write_plots(vit, out_dir, {name: record["perblock"]} if "perblock" in record else None, feats,
                             loaders[1], baseline=pixels[10] if pixels else None, log=log)
-        if args.probe_grid and vit is not None and "linear_cached" in spec.protocols:
+        if args.probe_grid and hasattr(vit, "blocks") and "linear_cached" in spec.protocols:
             grid = {}
             for tokens, blocks in PROBE_FEATURE_GRID:
                 variant = f"{tokens}, " + ("last block" if blocks is None else f"last {len(blocks)} blocks (raw)")

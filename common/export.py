@@ -27,7 +27,7 @@ token with a position row, exactly timm's VisionTransformer defaults):
            patch_size / img_size given (the JSON always states them, so every file builds the same way).
 Not exportable, each refused with one sentence: data2vec 2.0's post-norm layout (LayerNorm after each residual sum
 and on the embedded sequence; timm's VisionTransformer has pre-norm blocks, and its ResPostBlock normalises the
-branch before the sum, which is another function), and the hierarchical MixMIM encoder (mixmim_hierarchical.py;
+branch before the sum, which is another function), and the hierarchical MixMIM encoder (common/mixmim_hierarchical.py;
 timm has no Swin variant without shifted windows with MixMIM's absolute position table).
 """
 import argparse

@@ -89,8 +89,8 @@ LARGE_TRAIN_SET = 100_000
 def build_eval_loaders(data, img_size, batch_size=256, num_workers=4, n_per_class=None, train_fraction=1.0):
     """Train and val splits of `data` with the eval transform (resize + centre crop), in dataset order, sharded
     across ranks when distributed. n_per_class: (train, val) images per class of the built-in data (default: the
-    dataset's own). train_fraction < 1 keeps every (1 / fraction)-th train image (a class-balanced subset of an
-    ImageFolder, whose samples are sorted by class); None = 1 up to LARGE_TRAIN_SET images, else 0.1.
+    dataset's own). train_fraction < 1 keeps every (1 / fraction)-th train image of each class (class-balanced in any
+    dataset order); None = 1 up to LARGE_TRAIN_SET images, else 0.1.
     Returns (train_loader, val_loader)."""
     loaders = []
     for split in ("train", "val"):
@@ -98,7 +98,7 @@ def build_eval_loaders(data, img_size, batch_size=256, num_workers=4, n_per_clas
         if split == "train" and train_fraction is None:
             train_fraction = 1.0 if len(dataset) <= LARGE_TRAIN_SET else 0.1
         if split == "train" and train_fraction < 1:
-            dataset = data_lib.Subset(dataset, range(0, len(dataset), max(1, round(1 / train_fraction))))
+            dataset = data_lib.Subset(dataset, data_lib.every_kth_per_class(dataset, max(1, round(1 / train_fraction))))
         loaders.append(eval_loader(dataset, batch_size, num_workers))
     return tuple(loaders)
 

@@ -32,7 +32,7 @@ Presets (--model; every value a flag, --help shows them):
   crop 224 (bicubic). The official per-GPU batch is 32 on 32 GPUs; ours defaults to 128 / 64 / 32 per process
   with gradient accumulation up to 1024.
 - mixmim_b: Sense-X/MixMIM's (exp/base_600ep/finetune.sh, main_finetune.py; mixmim_hierarchical.FINETUNE_RECIPE)
-  on the hierarchical encoder of mixmim_hierarchical.py: MAE's recipe with layer decay 0.7 in the official grouping
+  on the hierarchical encoder of common/mixmim_hierarchical.py: MAE's recipe with layer decay 0.7 in the official grouping
   (mixmim_hierarchical.layer_decay_id: a PatchMerging goes with the next stage's first block, the final norm and
   head with the last block), 100 epochs, blr 5e-4, drop path 0.1, head on the final norm + mean of the final tokens
   (the encoder's forward_features), the fixed position table not trained, per-process batch 128.
@@ -88,8 +88,7 @@ import timm.loss
 import torch
 import torch.nn as nn
 
-import mixmim_hierarchical
-from common import checkpoints, config, data as data_lib, distributed, optim, trainer as training
+from common import checkpoints, config, data as data_lib, distributed, mixmim_hierarchical, optim, trainer as training
 from common.features import eval_loader
 from common.vit import VisionTransformer, create_vit, vit_config
 
@@ -111,6 +110,7 @@ RECIPES = {
     "vit_h": dict(MAE_FINETUNE, epochs=50, batch_size=32, blr=1e-3, layer_decay=0.75, drop_path=0.3),
     "mixmim_b": dict(MAE_FINETUNE, epochs=MIXMIM["epochs"], batch_size=MIXMIM["batch_size"], blr=MIXMIM["blr"],
                      layer_decay=MIXMIM["layer_decay"], drop_path=MIXMIM["drop_path"], pool="mean_final"),
+    "mixmim_cpu": dict(CPU, layer_decay=0.7, pool="mean_final"),             # mixmim.py --model mixmim_cpu
     "mixmim_micro": dict(CPU, layer_decay=0.7, pool="mean_final"),
     "semi_1pct": dict(SEMI, global_batch=512, blr=3e-5, weight_decay=0.4, drop_path=0.0, aa="none", reprob=0.0,
                       mixup=0.0, cutmix=0.0, train_fraction=0.01),
@@ -118,7 +118,7 @@ RECIPES = {
                        aa="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, train_fraction=0.1),
 }
 ARCHITECTURE = {"vit_mini": "vit_mini", "vit_micro": "vit_micro", "vit_b": "vit_b", "vit_l": "vit_l",
-                "vit_h": "vit_h", "mixmim_b": "mixmim_b", "mixmim_micro": "mixmim_micro"}
+                "vit_h": "vit_h", "mixmim_b": "mixmim_b", "mixmim_cpu": "mixmim_cpu", "mixmim_micro": "mixmim_micro"}
 """The encoder each preset's recipe is for; the semi-supervised presets take any ViT (the file's)."""
 BETAS = (0.9, 0.999)            # MAE / MixMIM main_finetune.py (torch's default), MIM-Refiner's finetune yamls
 POOLS = ("avg", "cls", "mean_final")
@@ -237,21 +237,6 @@ def _augment_ops(transform):
         yield from getattr(step, "ops", [])
 
 
-def dataset_labels(dataset):
-    """The class label of every sample of a common.data.IndexedDataset, without decoding an image: (N,) int64."""
-    base = dataset.base
-    if hasattr(base, "labels"):                                     # the built-in ShapesDataset
-        return np.asarray(base.labels, dtype=np.int64)
-    if hasattr(base, "samples"):                                    # an image folder
-        return np.asarray([label for _, label in base.samples], dtype=np.int64)
-    inner = getattr(base, "base", None)                             # CIFAR-10 (targets), STL-10 (labels)
-    for name in ("targets", "labels"):
-        if inner is not None and hasattr(inner, name):
-            return np.asarray(getattr(inner, name), dtype=np.int64)
-    raise SystemExit(f"cannot read the labels of {type(base).__name__} for a class-balanced subset; use "
-                     "--train_fraction 1 or --data FOLDER.")
-
-
 def balanced_subset(labels, fraction, seed=0):
     """Indices of a class-balanced subset: in every class c, the first max(1, round(fraction x n_c)) of a
     permutation of its samples drawn from numpy's generator seeded with (seed, c). Sorted int64. Deterministic in
@@ -283,13 +268,6 @@ def subset_from_file(dataset, path):
     return np.asarray(indices, dtype=np.int64)
 
 
-class EpochSubset(data_lib.Subset):
-    """common.data.Subset that passes set_epoch on to its dataset (so augmentations change every epoch)."""
-
-    def set_epoch(self, epoch):
-        self.dataset.set_epoch(epoch)
-
-
 def build_train_set(args, transform=None):
     """The train split with `transform`, restricted to --subset_file or --train_fraction when args has them.
     -> (dataset, num_classes)."""
@@ -300,9 +278,9 @@ def build_train_set(args, transform=None):
     num_classes = dataset.num_classes
     subset_file, fraction = getattr(args, "subset_file", None), getattr(args, "train_fraction", 1.0)
     if subset_file is not None:
-        dataset = EpochSubset(dataset, subset_from_file(dataset, subset_file))
+        dataset = data_lib.Subset(dataset, subset_from_file(dataset, subset_file))
     elif fraction < 1:
-        dataset = EpochSubset(dataset, balanced_subset(dataset_labels(dataset), fraction, args.subset_seed))
+        dataset = data_lib.Subset(dataset, balanced_subset(data_lib.labels_of(dataset), fraction, args.subset_seed))
     return dataset, num_classes
 
 
@@ -355,16 +333,8 @@ class Classifier(nn.Module):
 
 def load_encoder(ckpt, use_ema=False, preset=None, **overrides):
     """A ViT built from any checkpoint common/checkpoints.py reads (architecture from the file, checked against
-    `preset`), with `overrides` (drop_path_rate, img_size). -> (vit, info). A hierarchical MixMIM file ends the run
-    with one sentence (checkpoints.build_vit_from_checkpoint would fail on it inferring a ViT's shape)."""
-    if os.path.isfile(str(ckpt)):
-        obj = checkpoints.read_file(ckpt)
-        sd = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) and "encoder" not in obj else {}
-        hierarchical = isinstance(sd, dict) and "absolute_pos_embed" in sd
-        del obj, sd                                             # start_from reads the file again
-        if hierarchical:
-            raise SystemExit(f"--ckpt {ckpt} holds the hierarchical MixMIM encoder, not a ViT; fine-tune it with "
-                             "--model mixmim_b, or give a ViT checkpoint.")
+    `preset`), with `overrides` (drop_path_rate, img_size). -> (vit, info). Any other file (a hierarchical MixMIM
+    one included) ends the run with one sentence naming it."""
     return checkpoints.start_from(ckpt, use_ema=use_ema, preset=preset, **overrides)
 
 
@@ -375,14 +345,14 @@ def build_classifier(args, num_classes):
     ckpt = args.ckpt
     if ckpt is None and not args.from_scratch:
         if args.model in checkpoints.CPU_PRESETS:
-            ckpt = checkpoints.default_start(args.model)                # runs/mae/checkpoint-last.pth
+            ckpt = checkpoints.default_start("finetune", args.model, data=args.data)   # the MAE run, or the shipped one
         else:
             raise SystemExit(f"--model {args.model} needs --ckpt PATH of the pre-trained encoder (or --from_scratch "
                              "for the random-init baseline).")
     if args.model.startswith("mixmim"):
         encoder = mixmim_hierarchical.create_mixmim_hierarchical(arch, pretrain=False, drop_path_rate=args.drop_path)
-        if args.img_size not in (None, encoder.img_size):
-            raise SystemExit(f"--img_size {args.img_size}: the MixMIM presets fine-tune at {encoder.img_size} px; "
+        if args.img_size not in (None, encoder.img_size[0]):
+            raise SystemExit(f"--img_size {args.img_size}: the MixMIM presets fine-tune at {encoder.img_size[0]} px; "
                              "drop --img_size.")
         if not args.from_scratch:
             checkpoints.start_from(ckpt, encoder, use_ema=args.ema)
@@ -506,9 +476,8 @@ def main(argv=None):
                          f"{args.batch_size}; change --batch_size or --global_batch.")
     train_set, num_classes = build_train_set(args, transform=None)        # the transform needs the encoder's size
     classifier, start = build_classifier(args, num_classes)
-    size = classifier.encoder.img_size
-    img_size = size if isinstance(size, int) else size[0]
-    (train_set.dataset if isinstance(train_set, EpochSubset) else train_set).transform = \
+    img_size = classifier.encoder.img_size[0]
+    (train_set.dataset if isinstance(train_set, data_lib.Subset) else train_set).transform = \
         train_transform(img_size, args.aa, args.reprob)
     val_set = data_lib.build_dataset(args.data, "val", data_lib.eval_transform(img_size), n_per_class=args.n_per_class)
     classifier.to(dist.device)

@@ -228,7 +228,7 @@ def main(argv=None):
         if ckpt is None:
             if args.model not in checkpoints.CPU_PRESETS:
                 raise SystemExit(f"--model {args.model} needs --ckpt PATH of the encoder to probe.")
-            ckpt = checkpoints.default_start(args.model)              # runs/mae/checkpoint-last.pth
+            ckpt = checkpoints.default_start("probe", args.model, data=args.data)   # the MAE run, or the shipped one
         vit, _ = load_encoder(ckpt, args.ema, ARCHITECTURE.get(args.model), **size)
     vit.requires_grad_(False)
     vit.to(dist.device).eval()

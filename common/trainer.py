@@ -390,7 +390,7 @@ class Trainer:
 
     model: the module whose forward is used (may be DDP/compiled); its unwrapped state dict is saved as 'model'.
     encoder: the ViT inside it (saved as 'encoder' = its encoder_state_dict(), with 'vit' = its create_vit
-    arguments). encoder_ema: an EMA of the encoder (saved as 'encoder_ema' and restored). run_dir: where the
+    arguments; the hierarchical MixMIM encoder with 'mixmim' = its config()). encoder_ema: an EMA of the encoder (saved as 'encoder_ema' and restored). run_dir: where the
     checkpoint and logs go (default args.output_dir). monitor: a callable run every --knn_every epochs on every rank
     (common.eval.KnnMonitor); its value is logged as knn_monitor.
     Attributes: global_step (optimizer steps done), epoch, steps_per_epoch, total_steps, complete (all steps done;
@@ -581,7 +581,10 @@ class Trainer:
         if self.encoder is not None:
             encoder = distributed.unwrap(self.encoder)
             state["encoder"] = encoder.encoder_state_dict()
-            state["vit"] = vit_config(encoder)
+            if hasattr(encoder, "config"):                     # the hierarchical MixMIM encoder: its own config
+                state["mixmim"] = encoder.config()
+            else:
+                state["vit"] = vit_config(encoder)
         if self.encoder_ema is not None:
             ema = self.encoder_ema.module if isinstance(self.encoder_ema, EMA) else self.encoder_ema
             state["encoder_ema"] = distributed.unwrap(ema).state_dict()

@@ -16,6 +16,9 @@ Methods, all on the same q, k, v, dO and groups:
     SDPA dense            unmasked F.scaled_dot_product_attention (flash): the cost of ignoring the groups
     permute + SDPA        gather each group into its own sequence ((B, H, N, d) -> (2B, H, N/2, d)), unmasked
                           SDPA, scatter back; a lower bound, only defined for equal groups
+    split + SDPA          the contiguous equal groups as a view (B, H, N, d) -> (B, 2H, N/2, d), unmasked SDPA: no
+                          gather at all; what mixmim.py's plain-ViT variant runs in every block (--group_attention
+                          split: tokens sorted once before the encoder, the batch reshaped to (2B, N/2, D))
 The targets checked after table 1 (set for this kernel: H100, bf16, fwd+bwd, N = 196/197/198): >= 2x SDPA +
 bool mask, >= 1.2x FlexAttention, ours <= 1.3x permute + SDPA.
 
@@ -115,9 +118,21 @@ def _methods(groups, batch, n, device):
     if len(sizes) > 1 and bool((sizes == sizes[0]).all()):
         perm = torch.argsort(groups[0], stable=True)
         methods.append(("permute + SDPA", _permute_sdpa(perm, torch.argsort(perm), len(sizes)), "lower bound"))
+        if bool((groups[0][:-1] <= groups[0][1:]).all()):                        # already contiguous
+            methods.append(("split + SDPA", _split_sdpa(len(sizes)), "mixmim.py's plain ViT"))
     else:
         methods.append(("permute + SDPA", None, "n/a: groups of unequal size"))
+        methods.append(("split + SDPA", None, "n/a: groups of unequal size"))
     return methods
+
+
+def _split_sdpa(n_groups):
+    """Contiguous equal-size groups: each (head, group) pair as one dense sequence of a view, unmasked SDPA."""
+    def run(q, k, v):
+        B, H, N, d = q.shape
+        out = F.scaled_dot_product_attention(*(t.reshape(B, H * n_groups, N // n_groups, d) for t in (q, k, v)))
+        return out.reshape(B, H, N, d)
+    return run
 
 
 def _timed(fn, inputs, grad_out, mode):

@@ -8,12 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from common import eval as ev, features, protocols
+from common import data as data_lib, eval as ev, features, protocols
 from common.checkpoints import save_checkpoint
 from common.vit import create_vit, vit_config
 
@@ -411,3 +412,20 @@ def test_cli_bad_arguments_give_one_sentence(tmp_path):
         ev.main(["--ckpt", str(ckpt), "--data", "cifar10", "--n_per_class", "2", "2"])
     with pytest.raises(SystemExit, match="does not exist"):
         ev.main(["--ckpt", str(tmp_path / "missing.pth"), "--num_workers", "0"])
+
+
+@pytest.mark.parametrize("data", [None, "folder"])
+def test_a_train_fraction_is_class_balanced_in_any_dataset_order(data, tmp_path):
+    """The k-NN monitor's (and --train_fraction's) every-10th subset: the built-in data interleaves its classes
+    (label = index mod 10), an image folder sorts them; either way each class keeps every 10th of its images."""
+    if data == "folder":
+        for split, count in (("train", 20), ("val", 2)):
+            for cls in ("a", "b", "c"):
+                os.makedirs(tmp_path / split / cls)
+                for i in range(count):
+                    Image.new("RGB", (8, 8), (i * 10, 0, 0)).save(tmp_path / split / cls / f"{i}.png")
+        data = str(tmp_path)
+    train, _ = features.build_eval_loaders(data, 8, n_per_class=(20, 2) if data is None else None, train_fraction=0.1,
+                                  num_workers=0)
+    counts = torch.bincount(torch.from_numpy(data_lib.labels_of(train.dataset.dataset)[train.dataset.indices]))
+    assert len(counts) == (10 if data is None else 3) and (counts == 2).all(), counts

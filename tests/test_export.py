@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from common import export, finetune
+from common import export, finetune, mixmim_hierarchical
 from common.checkpoints import save_checkpoint
 from common.vit import PRESETS, create_vit, vit_config
 
@@ -113,7 +113,6 @@ def test_post_norm_and_hierarchical_encoders_are_refused(tmp_path):
                                                  "vit": vit_config(d2v2)})
     with pytest.raises(SystemExit, match="post-norm blocks, which timm's VisionTransformer cannot express"):
         export.main(["--ckpt", str(tmp_path / "d2v2.pth"), "--out", str(tmp_path / "x.safetensors")])
-    import mixmim_hierarchical
     encoder = mixmim_hierarchical.create_mixmim_hierarchical("mixmim_micro", pretrain=False)
     torch.save({"model": encoder.state_dict()}, tmp_path / "mixmim.pth")
     with pytest.raises(SystemExit, match="hierarchical MixMIM encoder, which has no timm model"):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import mixmim_hierarchical
+from common import mixmim_hierarchical
 from common import data, eval as evaluation, finetune, probe, protocols
 from common.checkpoints import save_checkpoint
 from common.features import build_eval_loaders, extract_features

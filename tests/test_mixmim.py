@@ -140,11 +140,11 @@ def encoder_outputs(model, imgs, mask):
     return [blocks[i] for i in range(model.encoder.depth)] + [latent]
 
 
-@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("kernel", ["split", "torch", "triton"])
 def test_changing_the_partner_leaves_the_other_group_unchanged_in_every_block(kernel, backend):
-    backend(kernel)
+    backend("torch" if kernel == "split" else kernel)
     device = "cuda" if kernel == "triton" and torch.cuda.is_available() else "cpu"   # else Triton's interpreter
-    model = tiny_model().to(device)
+    model = tiny_model(group_attention="split" if kernel == "split" else "mask").to(device)
     imgs = torch.randn(4, 3, 32, 32, device=device)
     mask = model.draw_mask(0.5, fixed_noise(model).to(device))
     changed = imgs.clone()
@@ -156,29 +156,67 @@ def test_changing_the_partner_leaves_the_other_group_unchanged_in_every_block(ke
         assert (out_after[0, ~own] - out_before[0, ~own]).abs().max() > 1e-2   # the partner's group did change
 
     # Control: without the group mask the same change reaches sample 0's own tokens, so the check can fail.
+    model.group_attention = "mask"
     run_blocks = model.encoder.run_blocks
     model.encoder.run_blocks = lambda x, groups=None, return_blocks=(): run_blocks(x, None, return_blocks)
     leaked = encoder_outputs(model, changed, mask)[-1][0, own] - encoder_outputs(model, imgs, mask)[-1][0, own]
     assert leaked.abs().max() > 1e-2
 
 
-def test_group_sorting_does_not_change_the_math():
-    sorted_model, plain_model = tiny_model(sort_groups=True), tiny_model(sort_groups=False)
-    plain_model.load_state_dict(sorted_model.state_dict())
-    imgs, noise = torch.randn(4, 3, 32, 32), fixed_noise(sorted_model)
-    mask = sorted_model.draw_mask(0.5, noise)
-    for a, b in zip(encoder_outputs(sorted_model, imgs, mask), encoder_outputs(plain_model, imgs, mask)):
+def same_math(model_a, model_b, mask_ratio=0.5, batch=4):
+    """Both models (same weights) give the same block outputs, loss and gradients (fp32, 1e-5)."""
+    model_b.load_state_dict(model_a.state_dict())
+    imgs, noise = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(2)), fixed_noise(model_a)
+    mask = model_a.draw_mask(mask_ratio, noise)
+    for a, b in zip(encoder_outputs(model_a, imgs, mask), encoder_outputs(model_b, imgs, mask)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     losses = []
-    for model in (sorted_model, plain_model):
+    for model in (model_a, model_b):
         model.zero_grad()
-        loss, _, _ = model(imgs, noise=noise)
+        loss, _, _ = model(imgs, mask_ratio, noise=noise)
         loss.backward()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    for (name, a), b in zip(sorted_model.named_parameters(), plain_model.parameters()):
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_group_sorting_does_not_change_the_math():
+    same_math(tiny_model(sort_groups=True, group_attention="mask"), tiny_model(sort_groups=False))
+
+
+def test_two_dense_sequences_compute_what_the_group_mask_computes(monkeypatch):
+    """The default plain-ViT formulation (--group_attention split) against the group-masked one, and it really
+    runs without a group mask: every attention call of the split model gets groups=None and half-length rows."""
+    split, masked = tiny_model(group_attention="split"), tiny_model(group_attention="mask")
+    seen = []
+    attention = kernels.attention
+
+    def spy(q, k, v, groups=None, *args, **kwargs):
+        seen.append((q.shape[-2], groups is None))
+        return attention(q, k, v, groups, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention", spy)
+    same_math(split, masked)
+    tokens = 2 + split.encoder.grid_size[0] * split.encoder.grid_size[1]
+    encoder_calls = [call for call in seen if call[0] in (tokens, tokens // 2)]
+    assert (tokens // 2, True) in encoder_calls and (tokens, False) in encoder_calls   # split, then masked
+    # Unequal groups (mask ratio 0.25) cannot be split: the model falls back to the group mask, same result.
+    same_math(tiny_model(group_attention="split"), tiny_model(group_attention="mask"), mask_ratio=0.25)
+    assert split.partner_tokens(0.25) == 16 and split.partner_tokens(0.5) == 32         # of 64 patch tokens
+
+
+def test_the_benchmark_baselines_equal_the_reference():
+    """kernels.bench attn's 'split + SDPA' (what mixmim.py runs) and 'permute + SDPA' compute group-masked attention."""
+    bench_attn = importlib.import_module("kernels.bench_attn")
+    attention_module = importlib.import_module("kernels.attention")
+    groups = bench_attn.contiguous_two_groups(2, 36, torch.device("cpu"))
+    q, k, v = (torch.randn(2, 3, 36, 8, dtype=torch.float64) for _ in range(3))
+    expected = attention_module.attention_reference(q, k, v, groups)
+    methods = {name: fn for name, fn, _ in bench_attn._methods(groups, 2, 36, torch.device("cpu"))}
+    for name in ("split + SDPA", "permute + SDPA"):
+        torch.testing.assert_close(methods[name](q, k, v), expected, msg=name)
 
 
 def test_loss_falls_when_fitting_a_fixed_batch():
@@ -238,7 +276,7 @@ def test_odd_batch_is_refused(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_gpu_the_encoder_attention_runs_in_triton_and_matches_the_reference(backend, monkeypatch):
     torch.manual_seed(0)
-    model = mixmim.create_mixmim("vit_mini").cuda()             # head dim 64, as ViT-B
+    model = mixmim.create_mixmim("vit_mini", group_attention="mask").cuda()      # head dim 64, as ViT-B
     imgs, noise = torch.randn(8, 3, 32, 32, device="cuda"), fixed_noise(model).cuda()
 
     def loss_and_grads():

@@ -1,13 +1,16 @@
-"""mixmim_hierarchical.py: official parameter names and shapes, Swin's relative position index, no attention across
+"""common/mixmim_hierarchical.py: official parameter names and shapes, Swin's relative position index, no attention across
 the two images of a mixed input, mask upsampling, unmixing from the copy that hid each cell, the loss against a
-float64 loop, the official layer-decay ids, and a CPU forward + backward."""
+float64 loop, the official layer-decay ids, a CPU forward + backward; the official checkpoint files and ours through
+common/checkpoints.py, common.eval and mixmim.py (train, save, resume, evaluate)."""
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import mixmim_hierarchical as mh
+import mixmim
+from common import checkpoints, eval as evaluation, mixmim_hierarchical as mh
 
 
 def micro(seed=0, **overrides):
@@ -21,7 +24,7 @@ def noise_for(model, seed=1):
 
 
 def images(model, batch, seed=2):
-    return torch.randn(batch, 3, model.img_size, model.img_size, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, 3, *model.img_size, generator=torch.Generator().manual_seed(seed))
 
 
 # ---- parameter names ---------------------------------------------------------------------------------------
@@ -313,3 +316,93 @@ def test_patch_merging_concatenates_neighbours_in_timms_order():
         for c in range(3):
             top_left = (2 * r) * 6 + 2 * c
             assert seen["x"][0, r * 3 + c].tolist() == [top_left, top_left + 6, top_left + 1, top_left + 7]
+
+
+# ---- checkpoints: the official files and ours, through --ckpt, common.eval and the CLI ----------------------------
+def randomised(model, seed=3):
+    """Every parameter replaced by noise, so a load that skips one is seen."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+def test_official_pretraining_and_finetuning_files_load_whole(tmp_path):
+    """Sense-X/MixMIM's util/misc.py save_model writes {'model', 'optimizer', 'epoch', 'scaler', 'args'}; the
+    fine-tuning model adds head.*. Both build the encoder with the file's architecture (read from its shapes);
+    the pre-training file loads into mixmim.py's model with its decoder, strictly."""
+    official = randomised(micro())
+    path = tmp_path / "checkpoint-599.pth"
+    torch.save({"model": official.state_dict(), "optimizer": {}, "epoch": 599, "scaler": {}, "args": None}, path)
+    encoder, info = checkpoints.build_encoder_from_checkpoint(str(path))
+    assert isinstance(encoder, mh.MixMIMEncoder) and not isinstance(encoder, mh.MixMIMPretrain)
+    assert encoder.preset == "mixmim_micro" and info["mixmim"]["name"] == "mixmim_micro" and info["vit"] is None
+    assert info["format"].startswith("mixmim") and any(k.startswith("decoder_") for k in info["ignored"])
+    imgs = images(official, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.forward_features(imgs), official.forward_features(imgs), rtol=0, atol=0)
+
+    fresh = micro(seed=5)
+    checkpoints.start_from(str(path), fresh)                                # what mixmim.py --ckpt does
+    for key, value in official.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+    finetuned = mh.encoder_state_dict(official.state_dict())
+    finetuned.update({"head.weight": torch.randn(7, 128), "head.bias": torch.randn(7)})
+    torch.save({"model": finetuned}, tmp_path / "finetuned.pth")
+    encoder, _ = checkpoints.build_encoder_from_checkpoint(str(tmp_path / "finetuned.pth"))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.forward_features(imgs), official.forward_features(imgs), rtol=0, atol=0)
+
+    with pytest.raises(checkpoints.CheckpointError, match="holds the hierarchical MixMIM encoder, not a ViT"):
+        checkpoints.build_vit_from_checkpoint(str(path))
+    with pytest.raises(SystemExit, match="missing 14 keys the model needs .*layers.2.blocks.1"):   # another depth
+        checkpoints.start_from(str(path), mh.create_mixmim_hierarchical("mixmim_micro", depths=(1, 1, 2, 1)))
+
+
+def test_architecture_read_from_the_shapes_is_the_presets():
+    for name in mh.PRESETS:
+        with torch.device("meta"):
+            encoder = mh.create_mixmim_hierarchical(name, pretrain=False)
+        assert mh.infer_config(encoder.state_dict()) == encoder.config() == dict(name=name, **mh.create_arch(name))
+
+
+def cli(tmp_path, name, *extra):
+    out = tmp_path / name
+    mixmim.main(["--model", "mixmim_cpu", "--n_per_class", "8", "4", "--global_batch", "8", "--epochs", "2",
+                 "--warmup_epochs", "0.2", "--log_every", "1", "--output_dir", str(out), *extra])
+    with open(out / "log.jsonl") as f:
+        return out, [json.loads(line)["loss"] for line in f]
+
+
+def test_mixmim_py_trains_the_hierarchical_encoder_saves_resumes_and_evaluates(tmp_path):
+    out, losses = cli(tmp_path, "run", "--eval", "knn")
+    assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
+    for name in ("loss.png", "reconstructions.png", "eval.jsonl"):
+        assert (out / name).stat().st_size > 0, name
+    ckpt = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert ckpt["mixmim"]["name"] == "mixmim_cpu" and "vit" not in ckpt
+    assert set(ckpt["encoder"]) == set(mh.encoder_state_dict(ckpt["model"]))
+    encoder, _ = checkpoints.build_encoder_from_checkpoint(str(out / "checkpoint-last.pth"))
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, ckpt["model"][key]), key
+    records = evaluation.main(["--ckpt", str(out / "checkpoint-last.pth"), "--n_per_class", "8", "4",
+                               "--protocol", "knn", "--no_cache"])
+    assert 0 <= records[0]["knn"]["10"] <= 100
+    with open(out / "eval.jsonl") as f:
+        end_of_run = json.loads(f.readline())
+    assert records[0]["knn"] == end_of_run["knn"]                       # the same pooled features
+
+    _, straight = cli(tmp_path, "straight", "--eval", "none", "--max_steps", "4")
+    cli(tmp_path, "resumed", "--eval", "none", "--max_steps", "2")
+    _, resumed = cli(tmp_path, "resumed", "--eval", "none", "--max_steps", "4", "--resume", "auto")
+    assert resumed == straight
+
+
+def test_plain_vit_flags_are_refused_for_the_hierarchical_presets(tmp_path):
+    for flag in (["--mix_unit", "1"], ["--group_attention", "mask"], ["--no_sort_groups"]):
+        with pytest.raises(SystemExit, match=f"{flag[0]} applies to the plain-ViT variant only"):
+            mixmim.get_args(["--model", "mixmim_b", *flag])
+    with pytest.raises(SystemExit, match="--model mixmim_cpu: img_size 36 is not divisible by the encoder stride 8"):
+        mixmim.main(["--model", "mixmim_cpu", "--img_size", "36", "--output_dir", str(tmp_path)])

@@ -37,9 +37,28 @@ MIXMIM = dict(epochs=600, global_batch=2048, batch_size=128, blr=1.5e-4, warmup_
               mask_ratio=0.5, crop_min=0.2, decoder=[512, 8, 16])
 
 
-@pytest.mark.parametrize("model", ["vit_b", "vit_l"])
+@pytest.mark.parametrize("model", ["mixmim_b", "mixmim_l", "mixmim_h", "vit_b", "vit_l"])
 def test_mixmim_recipe_is_the_official_one(model):
     assert resolved(mixmim, model, MIXMIM) == MIXMIM
+
+
+# Sense-X/MixMIM models_mixmim.py mixmim_base / mixmim_large / mixmim_huge (img_size 224, patch_size 4, embed_dim,
+# depths, num_heads, window_size); the decoder as above.
+MIXMIM_ARCHITECTURES = {"mixmim_b": (128, [4, 8, 16, 32]), "mixmim_l": (192, [6, 12, 24, 48]),
+                        "mixmim_h": (352, [11, 22, 44, 88])}
+
+
+@pytest.mark.parametrize("model", MIXMIM_ARCHITECTURES)
+def test_mixmim_presets_build_the_official_hierarchical_encoders(model):
+    width, heads = MIXMIM_ARCHITECTURES[model]
+    args = mixmim.get_args(["--model", model])
+    with torch.device("meta"):
+        built, encoder = mixmim.build_model(args)
+    assert built is encoder and encoder.config() == dict(
+        name=model, img_size=224, patch_size=4, embed_dim=width, depths=[2, 2, 18, 2], num_heads=heads,
+        window_sizes=[14, 14, 14, 7], mlp_ratio=4.0)
+    assert (built.decoder_embed.out_features, len(built.decoder_blocks), built.decoder_blocks[0].attn.num_heads,
+            built.decoder_pred.out_features, built.norm_pix_loss) == (512, 8, 16, 32 * 32 * 3, True)
 
 
 def test_mixmim_keeps_the_official_global_batch_on_eight_gpus():

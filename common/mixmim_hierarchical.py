@@ -82,13 +82,17 @@ What is ours / not official:
     random_masking); the mixing cell is always the final-stage token, as official;
   - window attention through kernels.attention(q, k, v, groups, bias) (the backend is the kernel's choice)
     instead of softmax(q k^T + B_rel - 1e30 (1 - same)); without mixing (fine-tuning, features) groups=None and
-    the bias alone. Windows are not reordered by group (the kernel's bias_index would allow it);
+    the bias alone. Windows are not reordered by group. Reordering (with bias_index, which the kernel takes for
+    exactly this) would let the kernel skip tile pairs with no same-group pair, but a window is short: 196 tokens
+    are 2 to 7 tiles per side (the kernel's tiles are 32 to 128 tokens), so even with two sorted halves of 98 and
+    64-token tiles only 4 of the 16 tile pairs can be skipped, while the gather of q, k, v and the scatter of the
+    output would be paid in every block (in grid order the source image can change every 8 / 4 / 2 / 1 tokens
+    of a row in stages 1-4, a 32 px cell, so almost no tile pair can be skipped). `python -m kernels.bench attn` times both orders ("ours", "ours, sorted") on
+    MixMIM-B's windows, ready for a GPU;
   - `noise` can be passed to forward (the official code always draws torch.rand; range_mask_ratio, 0 in every
     official script, is not kept); the image size is checked with one-sentence errors;
   - presets below the paper sizes (PRESETS): mixmim_micro for tests and mixmim_cpu for the 32 px built-in data
-    (why in PRESETS; not trained here yet). Measured once on a shared, loaded 2-core CPU, a fwd + bwd + AdamW
-    step at batch 64 ran about 2x the images/s of mixmim.py's vit_mini with a 128 / 2 / 4 decoder, under the
-    same load; absolute speed not measured on an idle machine;
+    (why in PRESETS; `python mixmim.py --model mixmim_cpu` trains it, its result in the README);
   - like the official code, forward does not refuse an odd batch (the middle image is then mixed with itself:
     its "hidden" cells are visible); a training script should ask for an even batch per process.
 
@@ -105,6 +109,7 @@ differ (384 px: windows 16 / 16 / 24 / 12), and loads with strict=False (head mi
 """
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 from common.vit import Block, Mlp, get_2d_sincos_pos_embed
@@ -307,6 +312,7 @@ class MixMIMStage(nn.Module):
         self.blocks = nn.ModuleList(MixMIMBlock(dim, grid, num_heads, window, mlp_ratio, drop_path_rates[i])
                                     for i in range(depth))
         self.downsample = PatchMerging(grid, dim) if downsample else None
+        self.grad_checkpointing = False
 
     def groups(self, mask, batch):
         """mask (1, H*W, 1), 1 = partner -> (batch*nW, N) int64 source id of each token of each window, in
@@ -319,7 +325,10 @@ class MixMIMStage(nn.Module):
         """x (B, H*W, C), mask (1, H*W, 1) or None -> (blocks' output (B, H*W, C), input of the next stage)."""
         groups = None if mask is None else self.groups(mask, x.shape[0])   # one tensor for all blocks
         for block in self.blocks:
-            x = block(x, groups)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, groups, use_reentrant=False)      # keep the input, recompute the rest
+            else:
+                x = block(x, groups)
         return x, (x if self.downsample is None else self.downsample(x))
 
 
@@ -353,7 +362,10 @@ class MixMIMEncoder(nn.Module):
                              "entry per stage; give all three the same length.")
         self.num_stages = len(depths)
         self.depths = tuple(depths)
-        self.img_size, self.patch_size = img_size, patch_size
+        self.preset = None                                  # set by create_mixmim_hierarchical
+        self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depths=list(depths),
+                         num_heads=list(num_heads), window_sizes=list(window_sizes), mlp_ratio=mlp_ratio)
+        self.img_size, self.patch_size = (img_size, img_size), patch_size     # (H, W), as the ViT's
         self.encoder_stride = patch_size * 2 ** (self.num_stages - 1)       # one final token = one mixing cell
         if img_size % self.encoder_stride:
             raise ValueError(f"img_size {img_size} is not divisible by the encoder stride {self.encoder_stride} "
@@ -384,14 +396,29 @@ class MixMIMEncoder(nn.Module):
                 get_2d_sincos_pos_embed(embed_dim, self.grids[0])).unsqueeze(0))
         self.apply(init_weights)
 
+    def config(self):
+        """The arguments that rebuild this encoder (our checkpoints' 'mixmim' entry):
+        create_mixmim_hierarchical(pretrain=False, **config); name is the preset or None."""
+        return dict(name=self.preset, **self.arch)
+
+    def encoder_state_dict(self):
+        """The encoder's weights under the official names (our checkpoints' 'encoder' entry), without the
+        pre-training decoder of MixMIMPretrain."""
+        return encoder_state_dict(self.state_dict())
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block's activations in the backward pass instead of storing them (timm's name)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
     def embed(self, imgs, mask=None):
         """imgs (B, 3, H, W), mask (1, L_1, 1) 1 = partner or None -> tokens (B, L_1, C) with position.
 
         With a mask, sample i takes sample B-1-i's patch embedding where mask = 1, before the position is added.
         """
-        if tuple(imgs.shape[-2:]) != (self.img_size, self.img_size):
+        if tuple(imgs.shape[-2:]) != self.img_size:
             raise ValueError(f"images of {tuple(imgs.shape[-2:])} px, but this encoder was built for "
-                             f"{self.img_size}x{self.img_size}; resize them or build it with img_size.")
+                             f"{self.img_size[0]}x{self.img_size[1]}; resize them or build it with img_size.")
         x = self.patch_embed(imgs)
         if mask is not None:
             x = x * (1 - mask) + x.flip(0) * mask
@@ -459,7 +486,7 @@ class MixMIMPretrain(MixMIMEncoder):
         super().__init__(**encoder_args)
         self.norm_pix_loss = norm_pix_loss
         self.cell_grid = self.grids[-1]
-        num_cells = self.cell_grid[0] * self.cell_grid[1]
+        self.num_cells = num_cells = self.cell_grid[0] * self.cell_grid[1]
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_cells, decoder_dim), requires_grad=False)
         self.decoder_embed = nn.Linear(self.num_features, decoder_dim)
@@ -522,16 +549,55 @@ class MixMIMPretrain(MixMIMEncoder):
 
 def create_mixmim_hierarchical(name="mixmim_b", pretrain=True, **overrides):
     """Build a preset (PRESETS): MixMIMPretrain with its decoder, or with pretrain=False the MixMIMEncoder alone;
-    overrides: any constructor argument (e.g. drop_path_rate=0.1, decoder_depth=2)."""
-    if name not in PRESETS:
+    overrides: any constructor argument (e.g. drop_path_rate=0.1, decoder_depth=2). name=None: the architecture
+    comes from the overrides alone (a checkpoint's config())."""
+    if name is not None and name not in PRESETS:
         raise ValueError(f"unknown MixMIM preset {name!r}; choose one of {', '.join(PRESETS)}.")
-    img_size, patch_size, embed_dim, depths, num_heads, windows, decoder = PRESETS[name]
-    args = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depths=depths, num_heads=num_heads,
-                window_sizes=windows)
-    if pretrain:
-        args.update(decoder_dim=decoder[0], decoder_depth=decoder[1], decoder_heads=decoder[2])
+    args = {}
+    if name is not None:
+        img_size, patch_size, embed_dim, depths, num_heads, windows, decoder = PRESETS[name]
+        args = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depths=depths,
+                    num_heads=num_heads, window_sizes=windows)
+        if pretrain:
+            args.update(decoder_dim=decoder[0], decoder_depth=decoder[1], decoder_heads=decoder[2])
     args.update(overrides)
-    return MixMIMPretrain(**args) if pretrain else MixMIMEncoder(**args)
+    model = MixMIMPretrain(**args) if pretrain else MixMIMEncoder(**args)
+    model.preset = name if name is not None and model.arch == create_arch(name) else preset_of(model.arch)
+    return model
+
+
+def create_arch(name):
+    """The encoder architecture of a preset, in config()'s form without the name."""
+    img_size, patch_size, embed_dim, depths, num_heads, windows, _ = PRESETS[name]
+    return dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depths=list(depths),
+                num_heads=list(num_heads), window_sizes=list(windows), mlp_ratio=4.0)
+
+
+def preset_of(arch):
+    """The preset whose encoder is `arch` (config() without the name), or None."""
+    return next((name for name in PRESETS if create_arch(name) == arch), None)
+
+
+def infer_config(state_dict):
+    """config() of the encoder whose weights (official names) are `state_dict`, read from the shapes: width and
+    patch from patch_embed.proj, blocks per stage from layers.{s}.blocks.{b}, heads and window from each stage's
+    (2w-1)^2 x heads bias table, the image size from absolute_pos_embed (square grid)."""
+    weight = state_dict["patch_embed.proj.weight"]
+    embed_dim, patch_size = weight.shape[0], weight.shape[-1]
+    stages = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("layers."))
+    depths, num_heads, windows = [], [], []
+    for s in range(stages):
+        depths.append(1 + max(int(k.split(".")[3]) for k in state_dict if k.startswith(f"layers.{s}.blocks.")))
+        rows, heads = state_dict[f"layers.{s}.blocks.0.attn.relative_position_bias_table"].shape
+        num_heads.append(heads)
+        windows.append((int(round(rows ** 0.5)) + 1) // 2)
+    side = int(round(state_dict["absolute_pos_embed"].shape[1] ** 0.5))
+    hidden = state_dict["layers.0.blocks.0.mlp.fc1.weight"].shape[0]
+    # A window is read back as the effective one (the stage's grid where that is smaller); every preset's windows
+    # are effective ones, so a preset is recognised.
+    arch = dict(img_size=side * patch_size, patch_size=patch_size, embed_dim=embed_dim, depths=depths,
+                num_heads=num_heads, window_sizes=windows, mlp_ratio=hidden / embed_dim)
+    return dict(name=preset_of(arch), **arch)
 
 
 DECODER_PREFIXES = ("mask_token", "decoder_")
