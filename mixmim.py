@@ -106,6 +106,7 @@ from torchvision.transforms import v2
 from common import config, data, distributed, eval as evaluation, mixmim_hierarchical as hierarchical, optim
 from common import trainer as training
 from common.checkpoints import start_from
+from common.mixmim_hierarchical import norm_pix, patchify        # the same per-cell targets in both variants
 from common.plots import plot_image_grid
 from common.vit import Block, create_vit, get_2d_sincos_pos_embed
 
@@ -214,34 +215,18 @@ def dual_decoder_input(tokens, mask_token, mask):
 
 
 def unmix(pred, mask):
-    """pred (2B, L, P) from the dual decoder -> (B, L, P): for image i, every patch from the copy where it
-    was hidden: at mask = 1 from copy 1 of slot i (which kept image i and lost these patches), at mask = 0
-    from copy 2 of slot B-1-i (which kept image i's tokens at mask = 1 and lost these)."""
-    batch = pred.shape[0] // 2
-    m = mask.reshape(1, -1, 1).to(pred.dtype)
-    return pred[:batch] * m + pred[batch:].flip(0) * (1 - m)
-
-
-def patchify(imgs, patch_size):
-    """imgs (B, 3, H, W) -> (B, L, p*p*3), patch vectors ordered (row, col, channel) as MAE's patchify."""
-    B, C, H, W = imgs.shape
-    p = patch_size
-    x = imgs.reshape(B, C, H // p, p, W // p, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+    """pred (2B, L, P) from the dual decoder, mask (L,) -> (B, L, P): for image i, every patch from the copy where
+    it was hidden: at mask = 1 from copy 1 of slot i (which kept image i and lost these patches), at mask = 0
+    from copy 2 of slot B-1-i (which kept image i's tokens at mask = 1 and lost these). The hierarchical model's
+    unmix, with the plain variant's (L,) mask."""
+    return hierarchical.unmix(pred, mask.reshape(1, -1, 1).to(pred.dtype))
 
 
 def unpatchify(x, patch_size, grid_size):
-    """(B, L, p*p*3) -> (B, 3, H, W); the inverse of patchify."""
+    """(B, L, p*p*3) -> (B, 3, H, W); the inverse of patchify (common/mixmim_hierarchical.py, MAE's order)."""
     B, p, (gh, gw) = x.shape[0], patch_size, grid_size
     x = x.reshape(B, gh, gw, p, p, 3)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(B, 3, gh * p, gw * p)
-
-
-def norm_pix(target, eps=1e-6):
-    """Per-patch normalised pixels (MAE's norm_pix_loss): (t - mean) / sqrt(unbiased var + eps)."""
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)
-    return (target - mean) / (var + eps) ** 0.5
 
 
 def unmix_loss(pred, target, mask):
