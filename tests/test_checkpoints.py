@@ -1,11 +1,16 @@
-"""Every checkpoint format of SPEC 3.2 loads into the right tensors; wrong files give the promised sentence.
+"""Every checkpoint format common/checkpoints.py names loads into the right tensors; wrong files give the promised
+sentence.
 
-Each file is built here from the key layouts in the reference notes (random weights), not from our loader.
+Each file is built here from the official repositories' key layouts (random weights), not from our loader.
 """
+import hashlib
+import os
+import re
+
 import pytest
 import torch
 
-from common.checkpoints import CheckpointError, build_vit_from_checkpoint, load_pretrained, save_checkpoint
+from common.checkpoints import SHIPPED_MAE, CheckpointError, build_vit_from_checkpoint, load_pretrained, save_checkpoint
 from common.vit import create_vit, vit_config
 
 
@@ -169,3 +174,14 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         save_checkpoint(tmp_path / "c.pth", {"step": 2})
     assert torch.load(tmp_path / "c.pth")["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth"]
+
+
+def test_the_shipped_start_is_the_mae_encoder_readme_names():
+    """starts/mae_vit_mini_builtin.pth: a vit_mini encoder in our format, and the checksum README gives for it."""
+    vit, info = build_vit_from_checkpoint(SHIPPED_MAE)
+    assert vit_config(vit) == vit_config(create_vit("vit_mini")) and info["format"] == "ours"
+    with open(SHIPPED_MAE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    stated = re.search(r"sha256\s+([0-9a-f]{64})", readme)
+    assert stated is not None and stated.group(1) == digest
