@@ -14,8 +14,8 @@ decoder is thrown away after pre-training, and MAE-CT / MIM-Refiner start from t
 
     loss, pred, mask = create_mae("vit_b")(imgs, mask_ratio=0.75, noise=None)   # pred (N, L, p*p*3), mask 1 = removed
 
-Commands (run directory --output_dir, default runs/mae: checkpoint-last.pth, log.jsonl, loss.png,
-reconstructions.png, eval.jsonl, knn_per_block.png):
+Commands (run directory --output_dir, default runs/mae: checkpoint-last.pth, encoder.pth (the encoder alone, what
+the other methods start from), log.jsonl, loss.png, reconstructions.png, eval.jsonl, knn_per_block.png):
     python mae.py                                                   # built-in data, vit_mini, 2 CPU cores
     python mae.py --model vit_b --data /imagenet                    # one GPU: 64 per step x 64 accumulated = 4096
     torchrun --nproc_per_node 8 mae.py --model vit_l --data /imagenet               # 64 x 8 GPUs x 8 accumulated
@@ -23,7 +23,10 @@ reconstructions.png, eval.jsonl, knn_per_block.png):
         mae.py --model vit_h --data /imagenet                       # two nodes (run on each, NODE = 0 / 1)
     python mae.py ... --resume auto                                 # continue from <output_dir>/checkpoint-last.pth
     python mae.py --model vit_b --ckpt mae_pretrain_vit_base_full.pth --data /imagenet   # start from official weights
-    python -m common.eval --ckpt runs/mae/checkpoint-last.pth --data /imagenet         # k-NN / probe of the encoder
+    python -m common.eval --ckpt runs/mae/checkpoint-last.pth --data /imagenet         # k-NN / cached probe
+    torchrun --nproc_per_node 8 -m common.finetune --model vit_b --ckpt runs/mae/checkpoint-last.pth --data /imagenet
+    torchrun --nproc_per_node 8 -m common.probe --model vit_b --ckpt runs/mae/checkpoint-last.pth --data /imagenet
+(the last two: the paper's fine-tuning and linear-probe protocols, which give the numbers below.)
 Under SLURM, `srun torchrun --nnodes $SLURM_NNODES ...` (common/distributed.py). The global batch is 4096 on any
 number of GPUs (--global_batch): 64 images per GPU per forward pass (--batch_size), gradients accumulated to 4096;
 lr = blr x global batch / 256. Memory: --grad_checkpointing recomputes the encoder's activations in the backward.
@@ -68,7 +71,7 @@ import torch.nn as nn
 from torchvision.transforms import v2
 
 from common import config, data, distributed, eval as evaluation, optim, trainer as training
-from common.checkpoints import start_from
+from common.checkpoints import save_encoder, start_from
 from common.plots import plot_image_grid
 from common.vit import PRESETS, Block, VisionTransformer, get_2d_sincos_pos_embed
 
@@ -301,6 +304,9 @@ def main(argv=None):
         imgs = torch.stack([val_set[i][0] for i in range(min(6, len(val_set)))]).to(dist.device)
         path = plot_reconstructions(model, imgs, os.path.join(args.output_dir, "reconstructions.png"), args.mask_ratio)
         print(f"[mae] trained {run.global_step} steps in {train_s:.0f} s; pictures: {path}", flush=True)
+        if run.complete:                  # the encoder alone: what the other methods start from (--ckpt)
+            encoder_path = save_encoder(os.path.join(args.output_dir, "encoder.pth"), model, training.jsonable(vars(args)))
+            print(f"[mae] encoder: {encoder_path}", flush=True)
     evaluation.end_of_run({f"mae {args.model}": model}, args, dist,
                           extra={"step": run.global_step, "train_s": round(train_s)})
     distributed.cleanup()

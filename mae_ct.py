@@ -20,7 +20,7 @@ neighbour drawn at random from the top-k (stage "tune").
 
 Commands (run directory --output_dir, default runs/mae_ct: the tune stage's checkpoint-last.pth, log.jsonl,
 loss.png, eval.jsonl and knn_per_block.png; the init stage's in init/):
-    python mae.py && python mae_ct.py                 # built-in data, vit_mini, 2 CPU cores
+    python mae_ct.py                                  # built-in data, vit_mini, 2 CPU cores (from the MAE encoder)
     torchrun --nproc_per_node 8 mae_ct.py --model vit_l --data /imagenet     # from MAE-CT's MAE L/16, downloaded once
     torchrun --nproc_per_node 8 mae_ct.py --model vit_l_aug --data /imagenet --ckpt mae_pretrain_vit_large.pth
     torchrun --nnodes 2 --node_rank $NODE --master_addr $HOST --master_port 29500 --nproc_per_node 8 \
@@ -29,6 +29,8 @@ loss.png, eval.jsonl and knn_per_block.png; the init stage's in init/):
     python mae_ct.py ... --stage init                 # then: --stage tune --ckpt runs/mae_ct/init/checkpoint-last.pth
     python mae_ct.py ... --resume auto                # continue whichever stage was interrupted
     python -m common.eval --ckpt runs/mae_ct/checkpoint-last.pth --data /imagenet --protocol all
+    # the paper's linear probe (ml-jku/MAE-CT yamls/probe.yaml):
+    torchrun --nproc_per_node 8 -m common.probe --model mae_ct --ckpt runs/mae_ct/checkpoint-last.pth --data /imagenet
 The presets are the paper's table rows: vit_b / vit_l / vit_h = MAE-CT, vit_b_aug / vit_l_aug / vit_h_aug =
 MAE-CT_aug (BYOL views and their own recipe). The recipe's global batch (1024 for B and L, 512 for H) is kept on any
 number of GPUs; the heads' BatchNorm forbids gradient accumulation, so a machine that cannot hold it takes a smaller
@@ -345,7 +347,7 @@ def training_step(model, views, ids, labels, temperature, topk):
 # ----------------------------------------------------------------------------------------------------------
 def load_start(args):
     """-> (the encoder built from --ckpt, the file's MAECT state if it is an init-stage run of this script)."""
-    path = args.ckpt or default_start("mae_ct", args.model)
+    path = args.ckpt or default_start("mae_ct", args.model, data=args.data)
     preset = args.model.removesuffix("_aug")                    # vit_l_aug: MAE-CT_aug's recipe for a ViT-L
     size = {"img_size": args.img_size} if args.img_size else {}
     if path == "none":

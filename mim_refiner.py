@@ -13,7 +13,7 @@ encoder (20 epochs); stage "refine" then trains everything with layer-wise LR de
 result keeps the MIM features of the early blocks and turns the late blocks into strong semantic features.
 
 Commands (each runs stage init then stage refine, writing OUTPUT_DIR/init/ and OUTPUT_DIR/):
-    python mae.py && python mim_refiner.py                   # built-in data, vit_mini, 2 CPU cores
+    python mim_refiner.py                                    # built-in data, vit_mini, 2 CPU cores (from the MAE encoder)
     torchrun --nproc_per_node 8 mim_refiner.py --model vit_h --data /imagenet   # from MAE ViT-H/14, downloaded once
     python mim_refiner.py --model vit_h --data /imagenet --ckpt mae_pretrain_vit_huge.pth --global_batch 64   # one GPU
     # two nodes (run on each; under SLURM: srun torchrun ... --rdzv_endpoint $MASTER_ADDR:29500):
@@ -24,6 +24,10 @@ Commands (each runs stage init then stage refine, writing OUTPUT_DIR/init/ and O
     torchrun --nproc_per_node 8 mim_refiner.py --model vit_l --data /imagenet --ckpt data2vec2_large16.pt  # 20 epochs
     python mim_refiner.py --stage refine --ckpt runs/mim_refiner/init/checkpoint-last.pth ...   # refine only
     python -m common.eval --ckpt runs/mim_refiner/checkpoint-last.pth --data /imagenet --ema --no_final_norm --standardize
+    torchrun --nproc_per_node 8 -m common.probe --model mim_refiner --ckpt runs/mim_refiner/checkpoint-last.pth --ema \\
+        --data /imagenet                                     # the paper's linear probe (Table 2)
+    torchrun --nproc_per_node 8 -m common.finetune --model semi_1pct --ckpt runs/mim_refiner/checkpoint-last.pth --ema \\
+        --data /imagenet --subset_file 1percent.txt           # 1 % semi-supervised fine-tuning
 Without --ckpt a paper preset starts from the weights the paper refined (facebookresearch/mae's
 mae_pretrain_vit_{base,large,huge}.pth, MAWS's MAE-2B/14 for vit_2b), downloaded once into torch.hub's cache; without a
 network the run stops with the URL to fetch. The global batch is the recipe's (1024 for L, 512 for H and 2B) on any
@@ -399,7 +403,7 @@ class Refiner(nn.Module):
 def load_start(args):
     """-> (encoder ViT at --img_size, the checkpoint's Refiner state dict if it is an init-stage run of this
     script, else None). Any format of common.checkpoints; the architecture comes from the file."""
-    path = args.ckpt or default_start("mim_refiner", args.model)
+    path = args.ckpt or default_start("mim_refiner", args.model, data=args.data)
     if path == "none":
         print("[mim_refiner] WARNING: --ckpt none: refining a randomly initialised encoder (smoke test only)")
         return create_vit(args.model, img_size=args.img_size), None
@@ -478,7 +482,15 @@ def main(argv=None):
     loader = data.build_loader(train_set, args.batch_size, dist, train=True, num_workers=args.num_workers,
                                seed=args.seed)
     ema = None
-    for stage, resume in training.stage_plan(args, STAGES).items():
+    plan = training.stage_plan(args, STAGES)
+    if dist.is_main:                               # what the run does and what it shows at its end
+        epochs = {"init": args.init_epochs, "refine": args.epochs}
+        steps = len(train_set) // args.global_batch
+        print("[mim_refiner] plan: " + " + ".join(f"stage {s} {epochs[s]} epochs ({epochs[s] * steps} steps)"
+                                                 for s in plan)
+              + "; then the paper's k-NN (k = 10, last block without the final norm, standardised) of the start and "
+              "of the refined EMA encoder, at every block (knn_per_block.png), next to raw pixels", flush=True)
+    for stage, resume in plan.items():
         if stage == "refine":
             ema = optim.EMA(refiner.encoder, args.ema_decay)
         run = run_stage(stage, args, refiner, loader, dist, resume, ema)
@@ -487,8 +499,14 @@ def main(argv=None):
             return
     final = {"refined (EMA)": ema.module} if ema is not None else {"after init (encoder unchanged)": refiner.encoder}
     # The paper's k-NN: each block's raw CLS (the last block: no final norm), standardised, k = 10.
-    evaluation.end_of_run({"start (--ckpt)": start_encoder.to(dist.device), **final}, args, dist,
-                          evaluation.Spec(final_norm=False, standardize=True), extra={"step": run.global_step})
+    records = evaluation.end_of_run({"start (--ckpt)": start_encoder.to(dist.device), **final}, args, dist,
+                                    evaluation.Spec(final_norm=False, standardize=True), extra={"step": run.global_step})
+    if records and len(records) == 2 and all("knn" in r for r in records.values()):
+        (start_name, start), (name, end) = records.items()
+        pixels = start.get("pixels_knn", {}).get("10")
+        before, after = start["knn"]["10"], end["knn"]["10"]
+        print(f"[mim_refiner] paper-protocol k-NN (k = 10): {start_name} {before:.2f} -> {name} {after:.2f} "
+              f"({after - before:+.2f})" + (f"; raw pixels {pixels:.2f}" if pixels is not None else ""), flush=True)
     distributed.cleanup()
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mae
+from common import checkpoints
 from common.checkpoints import build_vit_from_checkpoint, load_pretrained
 
 
@@ -238,3 +239,30 @@ def test_the_knn_monitor_is_logged_and_leaves_the_run_unchanged(tmp_path):
     mae.main(args + ["--output_dir", str(tmp_path / "split"), "--knn_every", "1", "--resume", "auto"])
     untimed = lambda records: [{k: v for k, v in r.items() if k not in ("img_s", "eta_s", "mem_gb")} for r in records]
     assert untimed(read_log(tmp_path / "split")) == untimed(monitored)
+
+
+def test_a_complete_run_writes_the_encoder_alone_and_other_scripts_start_from_it(tmp_path, monkeypatch):
+    """RUN_DIR/encoder.pth: the encoder's weights and architecture only (what the other methods start from, and the
+    form of the start shipped for the built-in data); a run stopped by --max_steps writes none."""
+    args = TINY + ["--eval", "none", "--n_per_class", "4", "4"]
+    mae.main(args + ["--output_dir", str(tmp_path / "stopped"), "--max_steps", "1"])
+    assert not (tmp_path / "stopped" / "encoder.pth").exists()
+    mae.main(args + ["--output_dir", str(tmp_path / "run")])
+    small = torch.load(tmp_path / "run" / "encoder.pth", map_location="cpu", weights_only=True)
+    full = torch.load(tmp_path / "run" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert set(small) == {"encoder", "vit", "args"} and small["vit"] == full["vit"]
+    assert small["args"]["script"] == "mae"
+    assert all(torch.equal(v, full["encoder"][k]) for k, v in small["encoder"].items())
+    assert set(small["encoder"]) == set(full["encoder"])
+
+    # The default start of the CPU presets: runs/mae/checkpoint-last.pth, else the shipped encoder (vit_mini on the
+    # built-in data only), else one sentence.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoints, "SHIPPED_MAE", str(tmp_path / "run" / "encoder.pth"))
+    assert checkpoints.default_start("mim_refiner", "vit_mini", log=lambda *a: None) == str(tmp_path / "run" / "encoder.pth")
+    for preset, data in (("vit_micro", None), ("vit_mini", "some/folder")):
+        with pytest.raises(SystemExit, match="run `python mae.py` first"):
+            checkpoints.default_start("mim_refiner", preset, data=data)
+    os.makedirs("runs/mae")
+    os.symlink(tmp_path / "run" / "checkpoint-last.pth", "runs/mae/checkpoint-last.pth")
+    assert checkpoints.default_start("mim_refiner", "vit_mini") == os.path.join("runs", "mae", "checkpoint-last.pth")
