@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mim_refiner as mr
-from common import distributed
+from common import data, distributed
 from common.checkpoints import build_vit_from_checkpoint
 from common.vit import create_vit
 
@@ -157,8 +157,7 @@ def multicrop_batch(batch, generator, n_local=2):
 
 
 def test_multicrop_views_have_the_paper_layout_at_32_px():
-    from common import data
-    args = mr.get_args(["--model", "vit_mini"])
+    args = mr.get_args(["--model", "vit_mini", "--n_local", "4"])
     dataset = data.build_dataset(None, "train", mr.multicrop(args.img_size, args.local_size, args.n_local),
                                  n_per_class=1)
     views, label, index = dataset[3]
