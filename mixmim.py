@@ -88,8 +88,9 @@ What is ours:
     on a GPU: an inference from those two rows; split's own row, "split + SDPA", is in `python -m kernels.bench
     attn` and has not been run on a GPU yet. On 2 CPU cores (torch reference backend, fp32, forward + backward of
     the whole model, best of 5 / 3 steps) the two are within noise: vit_mini at batch 64 0.85 s (split) vs 0.95 s
-    (mask), ViT-B at 224 px batch 8 10.6 s vs 10.0 s (attention is a small part of a CPU step). The kernel stays where only it can work: the hierarchical
-    encoder's windows, each holding a different, unequal mix of the two images;
+    (mask), ViT-B at 224 px batch 8 10.6 s vs 10.0 s (attention is a small part of a CPU step). The kernel stays
+    where only it can work: the hierarchical encoder's windows, each holding a different, unequal mix of the two
+    images;
   - plain ViT: the decoder predicts the p x p pixels of each patch (patch 16: 14x14 grid; the official decoder
     predicts 32 px cells on 7x7), so the loss is the same unmix MSE at patch resolution;
   - CPU presets (vit_micro / vit_mini, mixmim_micro / mixmim_cpu): smaller decoders, global batch 64 and 20
