@@ -87,8 +87,8 @@ What is ours / not official:
     are 2 to 7 tiles per side (the kernel's tiles are 32 to 128 tokens), so even with two sorted halves of 98 and
     64-token tiles only 4 of the 16 tile pairs can be skipped, while the gather of q, k, v and the scatter of the
     output would be paid in every block (in grid order the source image can change every 8 / 4 / 2 / 1 tokens
-    of a row in stages 1-4, a 32 px cell, so almost no tile pair can be skipped). `python -m kernels.bench attn` times both orders ("ours", "ours, sorted") on
-    MixMIM-B's windows, ready for a GPU;
+    of a row in stages 1-4, a 32 px cell, so almost no tile pair can be skipped). `python -m kernels.bench attn`
+    times both orders ("ours", "ours, sorted") on MixMIM-B's windows, ready for a GPU;
   - `noise` can be passed to forward (the official code always draws torch.rand; range_mask_ratio, 0 in every
     official script, is not kept); the image size is checked with one-sentence errors;
   - presets below the paper sizes (PRESETS): mixmim_micro for tests and mixmim_cpu for the 32 px built-in data

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from common import data as data_lib, eval as ev, features, protocols
+from common import data as data_lib, eval as ev, features, plots, protocols
 from common.checkpoints import save_checkpoint
 from common.vit import create_vit, vit_config
 
@@ -304,7 +304,6 @@ def assert_real_png(path):
 
 
 def test_plots_are_written(tmp_path):
-    from common import plots
     path = plots.plot_per_block({"a": [20.0, 35.5, 30.0, 25.0], "b": [10.0, 12.0, 40.0]}, tmp_path / "b.png",
                                 baseline=15.0)
     assert_real_png(path)
@@ -381,11 +380,11 @@ def test_cli_end_to_end(tmp_path, monkeypatch):
     assert set(model["lowshot"]) == {"1", "2"} and len(model["lowshot"]["2"]["accs"]) == 2
 
     # The CLI's k-NN equals a brute-force k-NN on features computed here from the dataset itself.
-    from common import data
     feats = {}
     with torch.no_grad():
         for split in ("train", "val"):
-            ds = data.build_dataset("builtin", split, data.eval_transform(32), n_per_class=20 if split == "train" else 10)
+            ds = data_lib.build_dataset("builtin", split, data_lib.eval_transform(32),
+                                        n_per_class=20 if split == "train" else 10)
             images = torch.stack([ds[i][0] for i in range(len(ds))])
             feats[split] = (vit.eval().forward_features(images)[:, 0], torch.tensor([ds[i][1] for i in range(len(ds))]))
     for k in (10, 20):

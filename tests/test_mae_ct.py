@@ -15,7 +15,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import mae_ct  # noqa: E402
-from common import distributed, optim  # noqa: E402
+from common import data, distributed, optim  # noqa: E402
 from common.checkpoints import build_vit_from_checkpoint  # noqa: E402
 from common.vit import create_vit  # noqa: E402
 
@@ -361,7 +361,6 @@ def test_cpu_preset_defaults_and_bad_crop_scale():
         mae_ct.get_args(["--model", "vit_micro", "--crop_min", "0"])
 
 def test_views_are_the_paper_recipes_at_32_px():
-    from common import data
     image = data.ShapesDataset("val", n_per_class=1)[0][0]
     for aug in ("rrc", "byol"):
         views = mae_ct.two_views(32, aug, 0.3)(image)

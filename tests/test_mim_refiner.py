@@ -174,7 +174,6 @@ def test_multicrop_views_have_the_paper_layout_at_32_px():
 def test_the_vit_h_command_builds_the_paper_configuration():
     # `python mim_refiner.py --model vit_h ...` (ml-jku/MIM-Refiner src/yamls/stage3/h14_mae.yaml), built on the meta
     # device: the full-size shapes without allocating the 632M-parameter encoder.
-    from common.vit import create_vit
     args = mr.get_args(["--model", "vit_h"])
     with torch.device("meta"):
         encoder = create_vit(args.model)

@@ -9,6 +9,7 @@ import torch
 
 import kernels
 import mixmim
+from common.checkpoints import build_vit_from_checkpoint
 
 
 def tiny_model(seed=0, **kwargs):
@@ -244,8 +245,6 @@ def run_cli(tmp_path, name, *extra):
 
 
 def test_cli_trains_writes_outputs_and_a_loadable_encoder(tmp_path, backend):
-    from common.checkpoints import build_vit_from_checkpoint
-
     out, losses = run_cli(tmp_path, "run")            # default --eval knn,perblock
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) < sum(losses[:3])
