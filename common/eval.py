@@ -434,7 +434,7 @@ def main(argv=None):
         except OSError as error:
             raise SystemExit(f"--out_dir {out_dir} cannot be written ({error.strerror}); give a folder you can "
                              "write to with --out_dir.") from None
-        if vit is None or not hasattr(vit, "blocks"):       # pixels, or an encoder without ViT blocks (MixMIM's)
+        if not hasattr(vit, "forward_intermediates"):     # pixels, or an encoder without ViT blocks (MixMIM's)
             spec_here = dataclasses.replace(spec, protocols=tuple(p for p in spec.protocols if p != "perblock"))
             img_size = args.img_size or (default_img_size(args.data) if vit is None else vit.img_size[0])
         else:
@@ -466,7 +466,7 @@ def main(argv=None):
             if args.plots and not several:
                 write_plots(vit, out_dir, {name: record["perblock"]} if "perblock" in record else None, feats,
                             loaders[1], baseline=pixels[10] if pixels else None, log=log)
-        if args.probe_grid and hasattr(vit, "blocks") and "linear_cached" in spec.protocols:
+        if args.probe_grid and hasattr(vit, "forward_intermediates") and "linear_cached" in spec.protocols:
             grid = {}
             for tokens, blocks in PROBE_FEATURE_GRID:
                 variant = f"{tokens}, " + ("last block" if blocks is None else f"last {len(blocks)} blocks (raw)")

@@ -112,7 +112,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from common.vit import Block, Mlp, get_2d_sincos_pos_embed
+from common.vit import Block, Mlp, get_2d_sincos_pos_embed, init_linear_and_norm
 
 # Architectures. Paper sizes: Sense-X/MixMIM models_mixmim.py mixmim_base / mixmim_large / mixmim_huge (the same
 # in models_mixmim_ft.py), decoder 512 / 8 blocks / 16 heads for all three.
@@ -337,14 +337,8 @@ def init_weights(module):
     """Official initialisation of one module (models_mixmim.py _init_weights, applied to every module, and
     WindowAttention's table): Linear xavier_uniform with zero bias, LayerNorm 1 / 0, relative-position tables
     trunc_normal(std 0.02, cut at +-2); the patch conv keeps PyTorch's default."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-    elif isinstance(module, WindowAttention):
+    init_linear_and_norm(module)
+    if isinstance(module, WindowAttention):
         nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
 
 

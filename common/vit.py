@@ -159,6 +159,19 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
+@torch.no_grad()
+def init_linear_and_norm(module):
+    """The init MAE and MixMIM give every Linear and LayerNorm (facebookresearch/mae models_mae.py _init_weights,
+    Sense-X/MixMIM models_mixmim.py _init_weights): Linear xavier_uniform with zero bias, LayerNorm 1 / 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class VisionTransformer(nn.Module):
     ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed", "embed_norm", "blocks", "norm")   # state-dict roots
 
@@ -195,13 +208,7 @@ class VisionTransformer(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_linear_and_norm(m)
 
     # ---- embedding ---------------------------------------------------------------------------------------
     def patch_pos_embed(self, grid_hw):
