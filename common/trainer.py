@@ -391,8 +391,9 @@ class Trainer:
     model: the module whose forward is used (may be DDP/compiled); its unwrapped state dict is saved as 'model'.
     encoder: the ViT inside it (saved as 'encoder' = its encoder_state_dict(), with 'vit' = its create_vit
     arguments; the hierarchical MixMIM encoder with 'mixmim' = its config()). encoder_ema: an EMA of the encoder
-    (saved as 'encoder_ema' and restored). run_dir: where the checkpoint and logs go (default args.output_dir). monitor: a callable run every --knn_every epochs on every rank
-    (common.eval.KnnMonitor); its value is logged as knn_monitor.
+    (saved as 'encoder_ema' and restored). run_dir: where the checkpoint and logs go (default args.output_dir).
+    monitor: a callable run every --knn_every epochs on every rank (common.eval.KnnMonitor); its value is logged as
+    knn_monitor.
     Attributes: global_step (optimizer steps done), epoch, steps_per_epoch, total_steps, complete (all steps done;
     False after a stop at --max_steps: a script that chains stages asks `stopped_early(what)` before the next),
     lr, run_dir, logger, device, dtype, scaler.
