@@ -61,13 +61,17 @@ def save_checkpoint(path, obj):
     """Atomic write: torch.save to a temporary file in the same directory, flushed to the disk (fsync), then
     os.replace and an fsync of the directory, so that a crash or a kill at any moment leaves either the old file or
     the new one, never a torn one. The file gets the usual permissions (0666 minus the umask), like every other
-    output of a run. A failed write (full disk) removes its temporary file and raises OSError."""
+    output of a run. A failed write (a full disk, a quota, a file-size limit) removes its temporary file and raises
+    OSError with the operating system's reason."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=".pth")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as error:
+                raise _refused_write(f) or error
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -86,6 +90,20 @@ def save_checkpoint(path, obj):
         pass
     finally:
         os.close(dir_fd)
+
+
+def _refused_write(f):
+    """torch.save's zip writer reports a write the file system cut short (the disk filled up mid-block) as a
+    RuntimeError ('unexpected pos ...') that does not say why. Writing once more gets the reason from the operating
+    system (ENOSPC, EDQUOT, EFBIG) as an OSError; None when the file takes the byte, i.e. the error was not a refused
+    write."""
+    try:
+        f.write(b"\0")
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as error:
+        return error
+    return None
 
 
 def remove_orphans(directory):

@@ -249,18 +249,23 @@ def test_an_unwritable_eval_out_dir_is_one_sentence(tmp_path, micro_checkpoint):
         evaluation.main(["--ckpt", str(tmp_path / "c.pth"), "--out_dir", str(tmp_path / "file" / "out")])
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    """A real refused write, not a mocked one: a file-size limit (RLIMIT_FSIZE) below the checkpoint's size makes
+    the file system cut torch.save's write short, as a disk that fills up mid-write does (torch reports both as
+    'unexpected pos'); the run must stop with one sentence and the reason, and keep the previous checkpoint."""
+    resource = pytest.importorskip("resource")
     mae.main(TINY_MAE + ["--output_dir", str(tmp_path), "--max_steps", "2"])
     before = (tmp_path / "checkpoint-last.pth").read_bytes()
-
-    def disk_full(obj, f, *args, **kwargs):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
-    with pytest.raises(SystemExit, match=r"could not write the checkpoint .*\(No space left on device\); the "
-                                         r"previous one is kept"):
-        mae.main(TINY_MAE + ["--output_dir", str(tmp_path), "--max_steps", "4", "--resume", "auto"])
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # the write fails with EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, limits[1]))
+    try:
+        with pytest.raises(SystemExit, match=r"could not write the checkpoint .*\(File too large\); the previous "
+                                             r"one is kept"):
+            mae.main(TINY_MAE + ["--output_dir", str(tmp_path), "--max_steps", "4", "--resume", "auto"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp_")]
 
