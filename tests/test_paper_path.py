@@ -58,13 +58,18 @@ def evaluated(run_dir, names):
 
 @pytest.fixture(scope="module")
 def mae_start(imagenet_like, tmp_path_factory):
-    """mae.py's paper path (RandomResizedCrop 0.2-1 at 224, mask 0.75, the 512 x 8 decoder); its checkpoint is the
-    start of the other scripts."""
+    """mae.py's paper path (RandomResizedCrop 0.2-1 at 224, mask 0.75, the 512 x 8 decoder); its encoder, in the form
+    of the file the paper commands start from (facebookresearch/mae's mae_pretrain_vit_*.pth: {'model': encoder
+    state dict}), is the start of the other scripts. The training checkpoint, with the decoder and the optimizer's
+    moments twelve times larger, is deleted: the suite must fit in little free disk."""
     run = tmp_path_factory.mktemp("mae")
     mae.main(RUN + ["--data", imagenet_like, "--max_steps", "2", "--output_dir", str(run)])
     assert [r["step"] for r in records(run / "log.jsonl") if "loss" in r] == [1, 2]
     evaluated(run, ["mae vit_t"])
-    return str(run / "checkpoint-last.pth")
+    path = str(run / "mae_pretrain_vit_tiny.pth")
+    torch.save({"model": torch.load(run / "checkpoint-last.pth", weights_only=True)["encoder"]}, path)
+    os.remove(run / "checkpoint-last.pth")
+    return path
 
 
 def test_mae_and_mimco(imagenet_like, mae_start, tmp_path):
@@ -81,13 +86,14 @@ def test_mixmim(imagenet_like, tmp_path):
     evaluated(run, ["mixmim vit_t"])
 
 
-def test_mae_ct_both_stages_from_the_default_start(imagenet_like, mae_start, tmp_path, monkeypatch):
+def test_mae_ct_both_stages_from_the_default_start(imagenet_like, mae_start, tmp_path, monkeypatch, capsys):
     """No --ckpt: the paper preset's start comes from its URL (here a file:// one), downloaded into torch.hub's cache."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setitem(checkpoints.OFFICIAL_STARTS["mae_ct"], "vit_t", "file://" + mae_start)
     run = tmp_path / "mae_ct"
     mae_ct.main(RUN + ["--data", imagenet_like, "--init_epochs", "1", "--epochs", "1", "--output_dir", str(run)])
-    assert os.path.isfile(tmp_path / "torch_home" / "hub" / "checkpoints" / "checkpoint-last.pth")
+    assert os.path.isfile(tmp_path / "torch_home" / "hub" / "checkpoints" / "mae_pretrain_vit_tiny.pth")
+    assert f"encoder from file://{mae_start} (mae)" in capsys.readouterr().out
     init, tune = (torch.load(path, weights_only=True) for path in (run / "init" / "checkpoint-last.pth",
                                                                      run / "checkpoint-last.pth"))
     assert init["step"] == tune["step"] == 2 and tune["args"]["aug"] == "rrc" and tune["args"]["crop_min"] == 0.08
@@ -106,6 +112,7 @@ def test_mim_refiner_multicrop_resumed_across_the_stage_boundary(imagenet_like, 
     mim_refiner.main(args + ["--resume", "auto"])                  # finishes init, then the whole refine stage
     out = capsys.readouterr().out
     assert "resumed from" in out and "at step 1 (epoch 0)" in out
+    assert f"encoder from file://{mae_start} (mae)" in out       # the default start, in the released file's format
     refined = torch.load(run / "checkpoint-last.pth", weights_only=True)
     assert refined["step"] == 2 and refined["args"]["n_local"] == 10 and refined["args"]["local_size"] == 96
     assert {"heads.final.predictor.3.weight", "queues.block8.entries"} <= set(refined["model"])   # 4 heads: final, 10..8
