@@ -61,7 +61,7 @@ def mae_start(imagenet_like, tmp_path_factory):
     """mae.py's paper path (RandomResizedCrop 0.2-1 at 224, mask 0.75, the 512 x 8 decoder); its encoder, in the form
     of the file the paper commands start from (facebookresearch/mae's mae_pretrain_vit_*.pth: {'model': encoder
     state dict}), is the start of the other scripts. The training checkpoint, with the decoder and the optimizer's
-    moments twelve times larger, is deleted: the suite must fit in little free disk."""
+    moments more than ten times larger, is deleted: the suite must fit in little free disk."""
     run = tmp_path_factory.mktemp("mae")
     mae.main(RUN + ["--data", imagenet_like, "--max_steps", "2", "--output_dir", str(run)])
     assert [r["step"] for r in records(run / "log.jsonl") if "loss" in r] == [1, 2]
